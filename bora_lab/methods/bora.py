@@ -1,0 +1,73 @@
+"""BoRA (Wang et al., seed 000, eq. 3): bi-dimensional weight decomposition.
+
+1. ``V = W0 + s·B@A``; normalise rows and rescale by ``m_r: [out]``: ``M = diag(m_r/||V||_row) V``.
+2. normalise the columns of ``M`` and rescale by ``m_c: [in]``: ``W = M diag(m_c/||M||_col)``.
+
+After any step the columns of ``W`` have norms exactly ``m_c``; the rows do not have norms ``m_r``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import AdapterLinear, NormConfig, combined_weight, lora_delta, low_rank_pair, safe_norm
+from .registry import register
+
+
+@register("bora", NormConfig)
+class BoRALinear(AdapterLinear):
+    """BoRA: ``W = diag(m_r/||V||_row) · V · diag(m_c/c)``, ``c = ||diag(m_r/||V||_row) V||_col``."""
+
+    description = "BoRA: LoRA direction + magnitudes on both axes (rows, then columns)"
+    magnitude_axis = "row + column"
+    formula = (
+        r"V = W_0 + sBA,\quad M = \operatorname{diag}\!\left(\tfrac{m_r}{\lVert V\rVert_{\text{row}}}\right)V,"
+        r"\quad W = M\,\operatorname{diag}\!\left(\tfrac{m_c}{\lVert M\rVert_{\text{col}}}\right)"
+    )
+    paper = "Wang et al. 2024, BoRA: Bi-dimensional Weight-Decomposed Low-Rank Adaptation"
+    source = "seed 000 (BoRA) section 3.2, eq. 3"
+
+    def __init__(self, base, cfg: NormConfig):
+        super().__init__(base, cfg)
+        self.scale = cfg.alpha / cfg.rank
+        self.lora_A, self.lora_B = low_rank_pair(self.in_features, self.out_features, cfg.rank, base.weight)
+        with torch.no_grad():
+            self.m_r = nn.Parameter(safe_norm(base.weight, 1, 0.0).clone())  # [out]
+            self.m_c = nn.Parameter(safe_norm(base.weight, 0, 0.0).clone())  # [in]
+
+    def magnitudes(self) -> dict[str, Tensor]:
+        return {"m_r": self.m_r, "m_c": self.m_c}
+
+    def _scales(self) -> tuple[Tensor, Tensor]:
+        """Row scale ``m_r/||V||_row`` ([out]) and column scale ``m_c/c`` ([in])."""
+        eps = self.cfg.eps
+
+        def norms():
+            v = combined_weight(self.weight0, self.lora_A, self.lora_B, self.scale)  # (out, in)
+            row = safe_norm(v, 1, eps)  # (out,)
+            col = safe_norm(v * (self.m_r / row).unsqueeze(1), 0, eps)  # (in,)
+            return row, col
+
+        if self.cfg.detach_norm:
+            with torch.no_grad():
+                row, col = norms()
+        else:
+            row, col = norms()
+        return self.m_r / row, self.m_c / col
+
+    def effective_weight(self) -> Tensor:
+        r, c = self._scales()
+        v = combined_weight(self.weight0, self.lora_A, self.lora_B, self.scale)
+        return r.unsqueeze(1) * v * c.unsqueeze(0)
+
+    def adapter_forward(self, x: Tensor) -> Tensor:
+        r, c = self._scales()
+        xs = x * c  # (..., in)
+        y = F.linear(xs, self.base.weight) + lora_delta(xs, self.lora_A, self.lora_B, self.scale)
+        y = y * r  # (..., out)
+        return y if self.base.bias is None else y + self.base.bias
+
+    @staticmethod
+    def num_params(d_in: int, d_out: int, cfg: NormConfig, bias: bool = True) -> int:
+        return cfg.rank * (d_in + d_out) + d_in + d_out

