@@ -25,6 +25,7 @@ import argparse
 import bz2
 import hashlib
 import lzma
+import os
 import struct
 import subprocess
 import tempfile
@@ -90,26 +91,28 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def download_debs(work_dir: Path) -> dict[str, Path]:
+def download_debs(work_dir: Path) -> tuple[dict[str, Path], list[str]]:
     """``apt-get download`` the packages into ``work_dir`` (runs ``apt-get update`` if needed).
 
     Args:
         work_dir: Folder that receives the ``.deb`` files.
 
     Returns:
-        Package name -> path of its ``.deb``.
+        Package name -> path of its ``.deb``, and apt's ``Get:`` lines (mirror, suite, version).
     """
     cmd = ["apt-get", "download", *PACKAGES]
-    if subprocess.run(cmd, cwd=work_dir, capture_output=True).returncode != 0:
+    result = subprocess.run(cmd, cwd=work_dir, capture_output=True, text=True)
+    if result.returncode != 0:
         subprocess.run(["apt-get", "update"], check=True, capture_output=True)
-        subprocess.run(cmd, cwd=work_dir, check=True, capture_output=True)
+        result = subprocess.run(cmd, cwd=work_dir, check=True, capture_output=True, text=True)
+    fetched = [line for line in result.stdout.splitlines() if line.startswith("Get:")]
     debs = {}
     for name in PACKAGES:
         found = sorted(work_dir.glob(f"{name}_*.deb"))
         if len(found) != 1:
             raise RuntimeError(f"expected one {name} .deb in {work_dir}, found {found}")
         debs[name] = found[0]
-    return debs
+    return debs, fetched
 
 
 def deb_info(name: str, deb: Path) -> DebInfo:
@@ -229,16 +232,18 @@ def austen_frame(site: Path) -> pd.DataFrame:
 
 
 def write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    """Write a compact, metadata-free zstd parquet file."""
+    """Write a compact, metadata-free zstd parquet file (atomically: temp file, then rename)."""
     table = pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata(None)
+    partial = path.with_name(path.name + ".partial")
     pq.write_table(
         table,
-        path,
+        partial,
         compression="zstd",
         compression_level=ZSTD_LEVEL,
         write_statistics=False,
         use_dictionary=["book", "label_name", "product"],  # low-cardinality columns only
     )
+    os.replace(partial, path)  # a reader never sees a half-written file
 
 
 # ----------------------------------------------------------------------------- provenance
@@ -246,6 +251,7 @@ def write_parquet(frame: pd.DataFrame, path: Path) -> None:
 
 def provenance_markdown(
     debs: dict[str, DebInfo],
+    fetched: list[str],
     files: dict[str, tuple[int, Path]],
     fine_foods: dict[str, pd.DataFrame],
 ) -> str:
@@ -256,8 +262,8 @@ def provenance_markdown(
     all_text = pd.concat([frame["text"] for frame in fine_foods.values()])
     br_share = all_text.str.contains("<br", regex=False).mean()
     modeldata, austen = debs["r-cran-modeldata"], debs["r-cran-janeaustenr"]
-    books = ", ".join(
-        f"*{title}* ([#{num}](https://www.gutenberg.org/ebooks/{num}))"
+    books = ",\n".join(
+        f"  *{title}* (<https://www.gutenberg.org/ebooks/{num}>)"
         for title, num in GUTENBERG_IDS.items()
     )
     rows = "\n".join(
@@ -276,25 +282,32 @@ Built by `scripts/build_offline_data.py` (pyarrow {pa.__version__}, pandas
 python scripts/build_offline_data.py
 ```
 
-The script runs `apt-get download {" ".join(PACKAGES)}` (after `apt-get update` if needed),
-unpacks them with `dpkg -x` (they are never installed), decodes the R lazy-load databases
-`usr/lib/R/site-library/<pkg>/data/Rdata.rdx` + `Rdata.rdb` with the PyPI package `rdata`, and
-writes zstd (level {ZSTD_LEVEL}) parquet files. Checksums of the parquet files depend on the
-pyarrow version; the row contents do not.
+The script runs `apt-get download {" ".join(PACKAGES)}` (after
+`apt-get update` if needed) and unpacks them with `dpkg -x`; they are never installed. It decodes
+the R lazy-load databases `usr/lib/R/site-library/<pkg>/data/Rdata.rdx` + `Rdata.rdb` with the
+PyPI package `rdata` and writes zstd (level {ZSTD_LEVEL}) parquet files. The parquet checksums
+depend on the pyarrow version; the rows do not.
 
-## Source packages (Debian bookworm, `main`)
+## Source packages (Debian)
 
 | package | version | file | sha256 of the .deb |
 | --- | --- | --- | --- |
 {deb_rows}
 
+apt reported:
+
+```
+{chr(10).join(fetched)}
+```
+
 ## Amazon fine foods: `fine_foods_train.parquet`, `fine_foods_test.parquet`
 
 - From `{modeldata.name}` {modeldata.version} (CRAN `modeldata`, Max Kuhn and Posit Software,
   PBC; MIT licence), objects `training_data` / `testing_data` of `small_fine_foods`.
-- Origin: the SNAP "Amazon Fine Foods" reviews (<https://snap.stanford.edu/data/web-FineFoods.html>;
-  J. McAuley and J. Leskovec, "From amateurs to connoisseurs: modeling the evolution of user
-  expertise through online reviews", WWW 2013), also published on Kaggle under CC0.
+- Origin: the SNAP "Amazon Fine Foods" reviews
+  (<https://snap.stanford.edu/data/web-FineFoods.html>; J. McAuley and J. Leskovec, "From
+  amateurs to connoisseurs: modeling the evolution of user expertise through online reviews",
+  WWW 2013), also published on Kaggle under CC0.
 - Products: {n_products["train"]:,} distinct in train, {n_products["test"]:,} in test,
   {n_products["shared"]} shared. (modeldata's help page describes "10 products" with all
   their reviews for training and "500" for test; the shipped objects do not match that.)
@@ -305,7 +318,8 @@ pyarrow version; the row contents do not.
 ## Jane Austen: `austen.parquet`
 
 - From `{austen.name}` {austen.version} (CRAN `janeaustenr`, Julia Silge; MIT licence).
-- Origin: Project Gutenberg plain-text editions, public domain: {books}.
+- Origin: Project Gutenberg plain-text editions, public domain:
+{books}.
 - Columns: `text` (one line of about 70 characters; blank lines kept, they separate
   paragraphs), `book` (title, in the order of `janeaustenr::austen_books()`).
 
@@ -330,7 +344,7 @@ def build(out_dir: Path, work_dir: Path) -> dict[str, tuple[int, Path]]:
     Returns:
         File name -> (row count, path) for every parquet file written.
     """
-    debs = download_debs(work_dir)
+    debs, fetched = download_debs(work_dir)
     infos = {name: deb_info(name, deb) for name, deb in debs.items()}
     root = work_dir / "unpacked"
     for deb in debs.values():
@@ -345,7 +359,10 @@ def build(out_dir: Path, work_dir: Path) -> dict[str, tuple[int, Path]]:
     for name, frame in tables.items():
         write_parquet(frame, out_dir / name)
         files[name] = (len(frame), out_dir / name)
-    (out_dir / "PROVENANCE.md").write_text(provenance_markdown(infos, files, fine_foods), encoding="utf-8")
+    provenance = provenance_markdown(infos, fetched, files, fine_foods)
+    partial = out_dir / "PROVENANCE.md.partial"
+    partial.write_text(provenance, encoding="utf-8")
+    os.replace(partial, out_dir / "PROVENANCE.md")
     return files
 
 
