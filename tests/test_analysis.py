@@ -37,7 +37,7 @@ def _close(got: dict, want: dict, atol: float = 1e-6) -> None:
 def test_axis_norms_hand():
     W = torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, 2.0]])
     assert axis_norms(W, "row").tolist() == pytest.approx([5.0, 2.0])  # (out,) = W.norm(dim=1)
-    assert axis_norms(W, "col").tolist() == pytest.approx([3.0, 4.0, 2.0])  # (in,) = W.norm(dim=0)
+    assert axis_norms(W, "col").tolist() == pytest.approx([3.0, 4.0, 2.0])  # (in,): norm(dim=0)
     with pytest.raises(ValueError):
         axis_norms(W, "diag")
 
@@ -48,7 +48,8 @@ def test_hand_mixed_change():
     # rows: [3,4,0] vs [4,3,0]: norms 5, 5 -> |5-5| = 0; cos = (12+12)/25 = 0.96 -> 1-cos = 0.04
     #       [0,0,2] vs [0,0,1]: norms 2, 1 -> 1;          cos = 1             -> 0
     #   dM_row = (0 + 1)/2 = 0.5, dD_row = (0.04 + 0)/2 = 0.02
-    # cols: [3,0] vs [4,0] -> |3-4| = 1, cos 1; [4,0] vs [3,0] -> 1, cos 1; [0,2] vs [0,1] -> 1, cos 1
+    # cols: [3,0] vs [4,0] -> |3-4| = 1, cos 1; [4,0] vs [3,0] -> 1, cos 1;
+    #       [0,2] vs [0,1] -> |2-1| = 1, cos 1
     #   dM_col = 1, dD_col = 0
     want = {"dM_row": 0.5, "dM_col": 1.0, "dD_row": 0.02, "dD_col": 0.0}
     _close(md_changes(Wa, Wb), want)
@@ -186,6 +187,16 @@ def test_tracker_from_start_vs_step_to_step():
     for k in METRICS:
         assert s2["mean"]["from_start"][k] == pytest.approx(sum(s2["from_start"][k]) / 3)
     json.dumps([s0, s1, s2])  # plain floats / lists only
+    # Later snapshots recycle buffers; the start and the previous weights must stay intact.
+    W3 = {k: v + 0.1 * torch.randn_like(v) for k, v in W2.items()}
+    W4 = {k: v + 0.1 * torch.randn_like(v) for k, v in W3.items()}
+    tr.snapshot(30, W3)
+    s4 = tr.snapshot(40, W4)
+    for i, name in enumerate(s4["modules"]):
+        start, step = md_changes(W0[name], W4[name]), md_changes(W3[name], W4[name])
+        for k in METRICS:
+            assert s4["from_start"][k][i] == pytest.approx(start[k], abs=1e-6)
+            assert s4["step_to_step"][k][i] == pytest.approx(step[k], abs=1e-6)
 
 
 def test_tracker_stores_detached_copies():
@@ -235,7 +246,8 @@ def test_dora_scatter_points_and_ratio():
     tr = WeightTracker()
     snaps = [tr.snapshot(0, W0)]
     for step in (5, 10):
-        snaps.append(tr.snapshot(step, {k: v * (1 + step / 10) + 0.05 * step for k, v in W0.items()}))
+        weights = {k: v * (1 + step / 10) + 0.05 * step for k, v in W0.items()}
+        snaps.append(tr.snapshot(step, weights))
     pts = dora_scatter_points(snaps, axis="row")
     assert len(pts) == 4
     assert [(p[2], p[3]) for p in pts] == [(0, 5), (1, 5), (0, 10), (1, 10)]

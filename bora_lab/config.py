@@ -1,0 +1,64 @@
+"""``RunConfig``: the one object the UI, the CLI and the notebook API hand to the trainer."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class RunConfig:
+    """A side-by-side comparison: every (method, rank) pair is one run on the same data and seed."""
+
+    model: str = "minilm"  # offline id ("minilm", "smollm2") or any Hugging Face model id
+    task: str = "fine_foods"  # offline task, "synthetic_*", "glue/<name>", or a `datasets` id
+    methods: list[str] = field(default_factory=lambda: ["lora", "dora", "bora"])  # registry names
+    ranks: list[int] = field(default_factory=lambda: [8])  # one run per (method, rank)
+    alpha: float = 16.0  # LoRA scaling numerator, s = alpha / r
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    steps: int = 150  # optimizer steps per run
+    batch_size: int = 16
+    max_length: int = 128  # tokens per example
+    seed: int = 0  # same seed, initial head and batch order for every run
+    warmup_ratio: float = 0.06  # linear warm-up then cosine decay (BoRA table 6)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
+    eval_every: int = 50  # steps between evaluations (and at the end)
+    eval_samples: int = 500  # test examples per evaluation (0 = whole split)
+    analyze_every: int = 10  # steps between magnitude/direction snapshots
+    target_modules: list[str] | None = None  # None = architecture default (BERT: query,key,value,dense)
+    analysis_module: str | None = None  # module type to analyse; None = attention query
+    analysis_layers: list[int] | None = None  # layer indices to analyse; None = all
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # {"dora": {"detach_norm": False}}
+    device: str = "auto"  # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "mps"
+    num_layers: int | None = None  # keep only the first N transformer layers (fast demos/tests)
+    lockstep: bool = True  # advance all runs one step at a time (curves grow together)
+    train_samples: int = 0  # cap on training examples (0 = all)
+    text_column: str | None = None  # column mapping for custom `datasets` ids
+    label_column: str | None = None
+
+    def __post_init__(self):
+        if not self.methods:
+            raise ValueError("select at least one method")
+        if not self.ranks or any((not isinstance(r, int)) or r < 1 for r in self.ranks):
+            raise ValueError(f"ranks must be positive integers, got {self.ranks}")
+        for name in ("steps", "batch_size", "max_length", "eval_every", "analyze_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"learning rate must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.device not in ("auto", "cpu", "cuda", "mps"):
+            raise ValueError(f"device must be auto, cpu, cuda or mps, got {self.device!r}")
+
+    def run_ids(self) -> list[str]:
+        """``"<method>-r<rank>"`` for every run, methods outer, ranks inner."""
+        return [f"{m}-r{r}" for m in self.methods for r in self.ranks]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})

@@ -1,0 +1,90 @@
+"""Events the trainer yields. Plain dataclasses: the CLI prints them, the UI turns them into plots.
+
+Every event has ``kind`` and ``to_dict()`` (JSON-ready). ``run_id`` is ``"<method>-r<rank>"``.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Event:
+    kind: str = field(init=False, default="event")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RunStarted(Event):
+    run_id: str
+    method: str
+    rank: int
+    trainable_params: int
+    total_params: int
+    device: str
+    analysed_modules: list[str]  # full module names tracked by the analysis ([] if not applicable)
+    kind: str = field(init=False, default="run_started")
+
+
+@dataclass
+class Step(Event):
+    run_id: str
+    step: int  # 1-based optimizer step
+    loss: float
+    lr: float
+    step_s: float  # wall time of this step (forward, backward, optimizer), seconds
+    peak_mem_mb: float  # peak memory so far (CUDA allocator, or process RSS on CPU)
+    kind: str = field(init=False, default="step")
+
+
+@dataclass
+class Eval(Event):
+    run_id: str
+    step: int
+    metrics: dict[str, float]  # e.g. {"accuracy": 0.81, "f1": 0.79, "loss": 0.42}
+    kind: str = field(init=False, default="eval")
+
+
+@dataclass
+class Analysis(Event):
+    run_id: str
+    step: int
+    snapshot: dict[str, Any]  # WeightTracker.snapshot(): from_start / step_to_step ΔM, ΔD per module + mean
+    kind: str = field(init=False, default="analysis")
+
+
+@dataclass
+class Progress(Event):
+    done_steps: int  # over all runs
+    total_steps: int
+    elapsed_s: float
+    eta_s: float
+    kind: str = field(init=False, default="progress")
+
+
+@dataclass
+class RunFinished(Event):
+    run_id: str
+    summary: dict[str, Any]  # the run's row of the results table (see results.json schema)
+    kind: str = field(init=False, default="run_finished")
+
+
+@dataclass
+class RunError(Event):
+    run_id: str
+    message: str  # one line, for people (e.g. "loss became NaN at step 12; try a smaller learning rate")
+    kind: str = field(init=False, default="error")
+
+
+@dataclass
+class Cancelled(Event):
+    message: str
+    kind: str = field(init=False, default="cancelled")
+
+
+@dataclass
+class ComparisonDone(Event):
+    results: dict[str, Any]  # exactly what results.json holds
+    kind: str = field(init=False, default="comparison_done")
