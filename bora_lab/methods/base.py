@@ -154,13 +154,18 @@ def lora_delta(x: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:
 
 
 def combined_weight(w0: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:
-    """``V = W0 + s · B @ A`` as one fused ``addmm`` (the only dense matrix norm methods need)."""
-    return torch.addmm(w0, b, a, alpha=scale)
+    """``V = W0 + s · B @ A`` as one fused ``addmm`` (the only dense matrix norm methods need).
+
+    Computed in the weights' own dtype even under autocast: norms of a bf16-rounded ``V`` would
+    drift from those of the fp32 weights that merge() writes.
+    """
+    with torch.autocast(w0.device.type, enabled=False):
+        return torch.addmm(w0, b.to(w0.dtype), a.to(w0.dtype), alpha=scale)
 
 
 def safe_norm(v: Tensor, dim: int, eps: float) -> Tensor:
-    """``||v||`` along ``dim`` (computed in fp32, returned in v's dtype), bounded below by ``eps``."""
-    return torch.linalg.vector_norm(v.float(), dim=dim).clamp_min(eps).to(v.dtype)
+    """``||v||`` along ``dim`` (accumulated in fp32, returned in v's dtype), bounded below by ``eps``."""
+    return torch.linalg.vector_norm(v, dim=dim, dtype=torch.float32).clamp_min(eps).to(v.dtype)
 
 
 class ModelMethod:
@@ -183,6 +188,11 @@ class ModelMethod:
     formula = ""
     paper = ""
     source = ""
+
+    @classmethod
+    def default_targets(cls, model: nn.Module) -> list[str]:
+        """Module names the method targets when the caller names none; ``[]`` if it targets no layer."""
+        return []
 
     @classmethod
     def apply_to_model(cls, model: nn.Module, cfg, target_modules: list[str] | None) -> None:

@@ -45,8 +45,10 @@ class BoRALinear(AdapterLinear):
 
         def norms():
             v = combined_weight(self.weight0, self.lora_A, self.lora_B, self.scale)  # (out, in)
-            row = safe_norm(v, 1, eps)  # (out,)
-            col = safe_norm(v * (self.m_r / row).unsqueeze(1), 0, eps)  # (in,)
+            v2 = v.square()
+            row = v2.sum(1).clamp_min(eps * eps).sqrt()  # ||V||_row: (out,)
+            # ||diag(m_r/row) V||_col without a second scaled copy of V: sqrt((m_r/row)^2 @ V∘V)
+            col = ((self.m_r / row).square() @ v2).clamp_min(eps * eps).sqrt()  # (in,)
             return row, col
 
         if self.cfg.detach_norm:
@@ -63,9 +65,9 @@ class BoRALinear(AdapterLinear):
 
     def adapter_forward(self, x: Tensor) -> Tensor:
         r, c = self._scales()
-        xs = x * c  # (..., in)
+        xs = x * c.to(x.dtype)  # (..., in)
         y = F.linear(xs, self.base.weight) + lora_delta(xs, self.lora_A, self.lora_B, self.scale)
-        y = y * r  # (..., out)
+        y = y * r.to(y.dtype)  # (..., out)
         return y if self.base.bias is None else y + self.base.bias
 
     @staticmethod

@@ -62,7 +62,7 @@ class DoRALinear(_NormedLowRank):
     def adapter_forward(self, x: Tensor) -> Tensor:
         # y = (m/||V||_row) * (x @ W0.T + s (x @ A.T) @ B.T) + b   -- (..., out)
         y = F.linear(x, self.base.weight) + lora_delta(x, self.lora_A, self.lora_B, self.scale)
-        y = y * self.scale_vector()
+        y = y * self.scale_vector().to(y.dtype)  # keep bf16 activations bf16 under autocast
         return y if self.base.bias is None else y + self.base.bias
 
     @staticmethod
@@ -85,7 +85,7 @@ class DoRAColLinear(_NormedLowRank):
         return self.direction() * self.scale_vector().unsqueeze(0)
 
     def adapter_forward(self, x: Tensor) -> Tensor:
-        xs = x * self.scale_vector()  # scale inputs: (..., in)
+        xs = x * self.scale_vector().to(x.dtype)  # scale inputs: (..., in)
         return F.linear(xs, self.base.weight, self.base.bias) + lora_delta(xs, self.lora_A, self.lora_B, self.scale)
 
     @staticmethod
@@ -125,7 +125,8 @@ class DoRAMagLinear(AdapterLinear):
         return (self.magnitude / self.w0_norm).unsqueeze(1) * self.weight0
 
     def adapter_forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.base.weight) * (self.magnitude / self.w0_norm)
+        y = F.linear(x, self.base.weight)
+        y = y * (self.magnitude / self.w0_norm).to(y.dtype)
         return y if self.base.bias is None else y + self.base.bias
 
     @staticmethod
