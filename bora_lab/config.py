@@ -35,6 +35,7 @@ class RunConfig:
     train_samples: int = 0  # cap on training examples (0 = all)
     text_column: str | None = None  # column mapping for custom `datasets` ids
     label_column: str | None = None
+    export_weights: bool = False  # keep the merged analysed weights at the start and end (safetensors)
 
     def __post_init__(self):
         if not self.methods:

@@ -172,7 +172,7 @@ class _Group:
     index: list[int]  # positions in WeightTracker.modules
     start: Tensor  # (L, out, in) weights at the first snapshot
     start_n: dict[str, Tensor]  # their row (L, out) and column (L, in) norms
-    prev: Tensor  # (L, out, in) weights at the previous snapshot (is `start` until step 2)
+    prev: Tensor  # (L, out, in) weights at the previous snapshot (is `start` until the 2nd snapshot)
     prev_n: dict[str, Tensor]
     spare: Tensor  # (L, out, in) receives the next snapshot; recycled from the old `prev`
     work: Tensor  # (L, out, in) scratch for _changes

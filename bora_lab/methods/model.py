@@ -115,7 +115,10 @@ def apply(model: nn.Module, method: str, rank: int = 8, alpha: float = 16.0,
     if getattr(model, "bora_lab_config", None):
         raise ValueError(f"this model already has method {model.bora_lab_config['method']!r} applied")
     cfg = registry.make_config(method, rank=rank, alpha=alpha, **options)
-    targets = list(target_modules) if target_modules else default_targets(model)
+    if target_modules:
+        targets = list(target_modules)
+    else:  # model-level methods choose their own sites (adapters) or none (prompts, BitFit)
+        targets = cls.default_targets(model) if cls.kind == "model" else default_targets(model)
     for p in model.parameters():
         p.requires_grad_(False)
     if cls.kind == "layer":

@@ -26,6 +26,8 @@ class RunStarted(Event):
     device: str
     analysed_modules: list[str]  # full module names tracked by the analysis ([] if not applicable)
     kind: str = field(init=False, default="run_started")
+    # Extra facts: "task" (task info dict), "trainable_pct", "magnitude_axis", "peak_mem_kind", "lockstep".
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -53,6 +55,7 @@ class Analysis(Event):
     step: int
     snapshot: dict[str, Any]  # WeightTracker.snapshot(): from_start / step_to_step ΔM, ΔD per module + mean
     kind: str = field(init=False, default="analysis")
+    cost_s: float = 0.0  # wall time of this snapshot (effective_weight() + tracker), seconds
 
 
 @dataclass
@@ -76,6 +79,7 @@ class RunError(Event):
     run_id: str
     message: str  # one line, for people (e.g. "loss became NaN at step 12; try a smaller learning rate")
     kind: str = field(init=False, default="error")
+    status: str = "error"  # "nan" (non-finite loss), "oom" (out of memory) or "error" (bad input, other)
 
 
 @dataclass
@@ -88,3 +92,5 @@ class Cancelled(Event):
 class ComparisonDone(Event):
     results: dict[str, Any]  # exactly what results.json holds
     kind: str = field(init=False, default="comparison_done")
+    # With RunConfig.export_weights: {run_id: {"start": {module: Tensor}, "end": {...}}} (CPU, not JSON).
+    weights: dict[str, Any] = field(default_factory=dict)

@@ -37,7 +37,9 @@ OFFLINE_MODELS: dict[str, str] = {
 # Other spellings accepted for the offline models (matched case-insensitively).
 # The hub id of MiniLM maps to the same weights; SmolLM2's does not (ours went through Q4_1).
 ALIASES: dict[str, str] = {
-    **dict.fromkeys(["offline:all-minilm-l6-v2", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"], "minilm"),
+    **dict.fromkeys(
+        ["offline:all-minilm-l6-v2", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"], "minilm"
+    ),
     **dict.fromkeys(["offline:smollm2-135m-instruct", "smollm2-135m-instruct"], "smollm2"),
 }
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -179,7 +181,7 @@ def _package_dir(package: str, pip_args: str, model_id: str) -> Path:
     spec = importlib.util.find_spec(package)  # locates the folder without importing the package
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(f"Could not load '{model_id}': its package is missing; run `pip install {pip_args}`.")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _minilm_folder() -> Path:
@@ -199,6 +201,7 @@ def _smollm2_folder() -> Path:
     if final.exists():  # a folder without config.json was not written by us: clear the way
         shutil.rmtree(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{_SMOLLM2_CACHE}-{os.getpid()}-", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is readable like any other
     try:
         model, tokenizer = _dequantise_gguf(gguf_dir, _SMOLLM2_GGUF)
         with _quiet():
@@ -209,8 +212,8 @@ def _smollm2_folder() -> Path:
         except OSError:
             if not (final / "config.json").exists():  # fine only if a concurrent process won the race
                 raise
-    except Exception as err:  # noqa: BLE001 - any failure becomes one clear line
-        raise ModelLoadError(f"Could not load 'smollm2': converting the GGUF file failed ({_first_line(err)}).") from err
+    except Exception as err:  # any failure becomes one clear line
+        raise ModelLoadError(f"Could not load 'smollm2': converting the GGUF file failed: {_first_line(err)}") from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
@@ -256,12 +259,9 @@ def _resolve_hub(model_id: str) -> tuple[str, bool]:
     if Path(model_id).expanduser().is_dir():
         return str(Path(model_id).expanduser()), True
     hint = f"Offline choices: {', '.join(OFFLINE_MODELS)}."
-    try:
-        with _quiet():
-            AutoConfig.from_pretrained(model_id, local_files_only=True)
+    with contextlib.suppress(Exception), _quiet():  # an exception means "not cached": the hub is next
+        AutoConfig.from_pretrained(model_id, local_files_only=True)
         return model_id, True  # in the local Hugging Face cache: no network needed
-    except Exception:  # noqa: BLE001 - not cached; the hub is next
-        pass
     if not _hub_reachable():
         raise ModelLoadError(
             f"Could not load '{model_id}': the Hugging Face hub is unreachable (offline) and it is not "
@@ -270,7 +270,7 @@ def _resolve_hub(model_id: str) -> tuple[str, bool]:
     try:
         with _quiet():
             AutoConfig.from_pretrained(model_id)
-    except Exception as err:  # noqa: BLE001 - not found, gated, bad config...
+    except Exception as err:  # not found, gated, bad config...
         raise ModelLoadError(f"Could not load '{model_id}': {_first_line(err)} {hint}") from err
     return model_id, False
 
@@ -297,8 +297,8 @@ def _hub_reachable() -> bool:
 def _load_from(folder, local, name, task_kind, num_labels, num_layers, dtype, seed) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    try:
-        with _quiet():
+    try:  # fork_rng: transformers' throwaway init of new modules must not advance the caller's RNG
+        with _quiet(), torch.random.fork_rng(devices=[]):
             config = AutoConfig.from_pretrained(folder, local_files_only=local)
             _configure(config, name, task_kind, num_labels, num_layers)
             auto = AutoModelForCausalLM if task_kind == "causal_lm" else AutoModelForSequenceClassification
@@ -308,13 +308,14 @@ def _load_from(folder, local, name, task_kind, num_labels, num_layers, dtype, se
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=local)
     except ModelLoadError:
         raise
-    except Exception as err:  # noqa: BLE001 - unsupported architecture, bad files...
+    except Exception as err:  # unsupported architecture, bad files...
         raise ModelLoadError(f"Could not load '{name}' for {task_kind}: {_first_line(err)}") from err
-    missing = sorted(info["missing_keys"])
-    if task_kind == "causal_lm" and missing:
+    params = dict(model.named_parameters())
+    missing = sorted(k for k in info["missing_keys"] if k in params)  # new weights (buffers don't count)
+    if task_kind == "causal_lm" and missing:  # a real LM checkpoint has every weight, head included
         raise ModelLoadError(
             f"Could not load '{name}' for causal_lm: the checkpoint has no pretrained language-model head "
-            f"(missing {missing[0]}); it is an encoder, use it for classification or regression."
+            f"(missing {missing[0]}); if it is an encoder, use it for classification or regression."
         )
     _ensure_pad_token(tokenizer, model)
     head = _head_modules(model, missing)

@@ -1,0 +1,99 @@
+"""AdaLoRA (Zhang et al., arXiv:2303.10512): SVD-form update with importance-based rank allocation.
+
+``ΔW = s · P diag(λ) Q`` with ``Q = lora_A: [r, in]``, ``P = lora_B: [out, r]``, ``λ = lora_E: [r]``
+(zero init, so ``ΔW = 0``). During training the triplets ``(P[:, i], λ_i, Q[i, :])`` with the
+lowest smoothed importance are pruned on a cubic budget schedule, with the budget shared by all
+layers (``allocation="global"``), and ``||PᵀP − I||² + ||QQᵀ − I||²`` keeps P and Q near orthonormal.
+
+Trainer contract (see :mod:`bora_lab.methods.budget`): after ``optimizer.step()`` and before
+``zero_grad()`` call ``after_step(step, total_steps)``; add ``regularization_loss()`` to the loss
+before ``backward``. Without ``after_step`` no rank is ever pruned and AdaLoRA is a plain SVD-form
+LoRA: the mistake the lecture warns about.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import AdapterLinear
+from .budget import (
+    BudgetConfig, PrunableDiagonal, Sensitivity, allocator_for, gaussian_, orth_penalty, rank_history,
+    regularization_loss, update_and_allocate,
+)
+from .registry import register
+
+__all__ = ["AdaLoRAConfig", "AdaLoRALinear", "rank_history", "regularization_loss", "update_and_allocate"]
+
+
+@dataclass
+class AdaLoRAConfig(BudgetConfig):
+    """AdaLoRA: ``rank`` is the initial rank of every layer (PEFT's ``init_r``)."""
+
+    init_std: float = field(default=0.02, metadata={
+        "help": "std of the Gaussian init of P and Q (PEFT: 0.02; λ starts at 0)", "min": 0.0})
+
+
+@register("adalora", AdaLoRAConfig)
+class AdaLoRALinear(AdapterLinear):
+    """AdaLoRA: ``W = W0 + s · P diag(λ ⊙ mask) Q``, ``s = alpha / r``; ranks pruned by importance."""
+
+    description = "AdaLoRA: SVD-form update P·Λ·Q; unimportant singular values pruned to a global budget"
+    formula = (r"W = W_0 + \frac{\alpha}{r} P\,\Lambda\,Q,\ \Lambda=\operatorname{diag}(\lambda),\ \lambda_0=0,"
+               r"\ \ \mathcal{R}=\lVert P^\top P-I\rVert_F^2+\lVert QQ^\top-I\rVert_F^2")
+    paper = ("Zhang et al. 2023, AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning "
+             "(arXiv:2303.10512)")
+    source = "seed 003 (LoRA2) section 2 (AdaLoRA, eq. 3) and section 3.2"
+
+    def __init__(self, base, cfg: AdaLoRAConfig):
+        super().__init__(base, cfg)
+        self.scale = cfg.alpha / cfg.rank
+        w = base.weight
+        self.lora_A = nn.Parameter(gaussian_(torch.empty(cfg.rank, self.in_features, device=w.device, dtype=w.dtype),
+                                             cfg.init_std))  # Q: (r, in)
+        self.lora_B = nn.Parameter(gaussian_(torch.empty(self.out_features, cfg.rank, device=w.device, dtype=w.dtype),
+                                             cfg.init_std))  # P: (out, r)
+        self.lora_E = PrunableDiagonal(cfg.rank, w)  # λ: (r,)
+        self._sens = Sensitivity(cfg.beta1, cfg.beta2)
+        self._allocator = allocator_for(cfg)
+        self._allocator.add(self)
+
+    def effective_weight(self) -> Tensor:
+        return torch.addmm(self.weight0, self.lora_B * self.lora_E(), self.lora_A, alpha=self.scale)
+
+    def adapter_forward(self, x: Tensor) -> Tensor:
+        h = F.linear(x, self.lora_A) * self.lora_E()  # (..., r)
+        return F.linear(x, self.base.weight, self.base.bias) + F.linear(h, self.lora_B) * self.scale
+
+    @staticmethod
+    def num_params(d_in: int, d_out: int, cfg: AdaLoRAConfig, bias: bool = True) -> int:
+        return cfg.rank * (d_in + d_out) + cfg.rank
+
+    # -- trainer hooks -----------------------------------------------------------------------
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Importance update + budget allocation of this layer's group (once per step, any layer)."""
+        self._allocator.step(step, total_steps)
+
+    def regularization_loss(self) -> Tensor:
+        """``orth_reg_weight · (||PᵀP − I||² + ||QQᵀ − I||²) / n_layers`` (fp32 scalar)."""
+        if self.cfg.orth_reg_weight == 0:
+            return torch.zeros((), device=self.lora_A.device)
+        return self._allocator.reg_scale() * (orth_penalty(self.lora_A) + orth_penalty(self.lora_B))
+
+    # -- allocator protocol ------------------------------------------------------------------
+    def update_importance(self) -> bool:
+        return self._sens.update({"diag": self.lora_E.weight, "row": self.lora_A, "col": self.lora_B})
+
+    def triplet_scores(self) -> Tensor:
+        return self._sens.triplet_scores(self.lora_E.weight, self.lora_A, self.lora_B)
+
+    def remaining_rank(self) -> int:
+        """Number of singular values not pruned."""
+        return self.lora_E.remaining()
+
+    @property
+    def rank_history(self) -> list[tuple[int, int]]:
+        """``[(step, remaining rank), ...]`` recorded at every ``after_step``."""
+        return self.lora_E.history

@@ -1,0 +1,294 @@
+"""Importance-based rank pruning shared by AdaLoRA and LoRA2 (AdaLoRA, arXiv:2303.10512, sec. 3).
+
+Both methods write their update with a diagonal ``Λ = diag(λ)`` of trainable "singular values"
+between two factors, and prune entries of ``λ`` whose triplet is unimportant:
+
+* sensitivity of a tensor entry ``I = |p · ∂L/∂p|``, smoothed ``Ī ← β1 Ī + (1-β1) I`` and its
+  uncertainty ``Ū ← β2 Ū + (1-β2) |I - Ī|``; the entry's score is ``Ī · Ū`` (AdaLoRA eq. 7-8);
+* the score of triplet ``i`` is the score of ``λ_i`` plus the mean score of the factor entries tied
+  to ``i`` (AdaLoRA eq. 9; LoRA2 eq. 9 applies it to its two small ``k×r`` factors);
+* a cubic budget schedule (warm-up at the initial budget, cubic decrease, final phase at the
+  target budget with the rank pattern frozen) decides how many triplets stay.
+
+**Trainer contract.** After ``optimizer.step()`` and *before* ``optimizer.zero_grad()`` the trainer
+calls ``module.after_step(step, total_steps)`` on every module that has it, where ``step`` is the
+number of optimizer steps done so far (1 after the first step; 0-based counting also reaches the
+target because the final phase always lasts at least one step) and ``total_steps`` the planned
+number of optimizer steps of the run. The gradients still in ``.grad`` are read (never modified).
+Before ``backward`` it adds ``module.regularization_loss()`` (a scalar tensor) of every module that
+has it. :func:`update_and_allocate` and :func:`regularization_loss` do both for a whole model.
+
+**Global allocation.** ``apply`` builds every wrapped layer with the *same* config object, so layers
+that share a config form one allocation group: :func:`allocator_for` returns one
+:class:`RankAllocator` per config object. The first ``after_step`` of a step updates and prunes the
+whole group, later calls with the same ``step`` return at once. The allocator holds the layers
+(deep copies of a model copy the group along with it).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .base import AdapterConfig
+
+
+@dataclass
+class BudgetConfig(AdapterConfig):
+    """Options of the rank-pruning methods (AdaLoRA, LoRA2)."""
+
+    target_rank: int = field(default=4, metadata={
+        "help": "average rank per layer left at the end (clamped to the initial rank)", "min": 0})
+    allocation: str = field(default="global", metadata={
+        "help": "global: one budget shared by all layers (AdaLoRA); per_layer: every layer keeps target_rank",
+        "choices": ["global", "per_layer"]})
+    warmup_frac: float = field(default=0.1, metadata={
+        "help": "fraction of the steps trained at the initial rank before pruning (t_init)", "min": 0.0, "max": 0.9})
+    final_frac: float = field(default=0.2, metadata={
+        "help": "fraction of the steps trained at the target rank, pattern frozen (t_final; at least 1 step)",
+        "min": 0.0, "max": 0.9})
+    mask_interval: int = field(default=1, metadata={"help": "steps between two re-allocations (ΔT)", "min": 1})
+    beta1: float = field(default=0.85, metadata={"help": "EMA factor of the sensitivity Ī", "min": 0.0, "max": 0.999})
+    beta2: float = field(default=0.85, metadata={"help": "EMA factor of the uncertainty Ū", "min": 0.0, "max": 0.999})
+    orth_reg_weight: float = field(default=0.1, metadata={
+        "help": "weight of the orthogonality regulariser ||XᵀX − I||²_F (averaged over layers)", "min": 0.0})
+
+    def __post_init__(self):
+        if self.allocation not in ("global", "per_layer"):
+            raise ValueError(f"allocation must be 'global' or 'per_layer', got {self.allocation!r}")
+        if self.target_rank < 0:
+            raise ValueError(f"target_rank must be >= 0, got {self.target_rank}")
+        if not (0 <= self.warmup_frac < 1 and 0 <= self.final_frac < 1):
+            raise ValueError("warmup_frac and final_frac must lie in [0, 1)")
+        if self.mask_interval < 1:
+            raise ValueError(f"mask_interval must be >= 1, got {self.mask_interval}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError("beta1 and beta2 must lie in [0, 1)")
+        if self.orth_reg_weight < 0:
+            raise ValueError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight}")
+
+
+def budget_schedule(step: int, total_steps: int, init_budget: int, target_budget: int,
+                    warmup_steps: int, final_steps: int) -> tuple[int, str]:
+    """AdaLoRA's cubic budget schedule (PEFT ``RankAllocator.budget_schedule``).
+
+    Args:
+        step: optimizer steps done so far.
+        total_steps: planned optimizer steps of the run.
+        init_budget, target_budget: total rank at the start and at the end.
+        warmup_steps: steps at ``init_budget`` before pruning starts (``t_init``).
+        final_steps: steps at ``target_budget`` at the end (``t_final``).
+
+    Returns:
+        ``(budget, phase)`` with phase ``"warmup"``, ``"prune"`` or ``"final"``. From step
+        ``total_steps - final_steps`` on, the budget is exactly ``target_budget``.
+    """
+    end = total_steps - final_steps
+    if step >= end:
+        return target_budget, "final"
+    if step <= warmup_steps:
+        return init_budget, "warmup"
+    frac = 1.0 - (step - warmup_steps) / (end - warmup_steps)  # in (0, 1)
+    return int(target_budget + (init_budget - target_budget) * frac ** 3), "prune"
+
+
+def phase_lengths(cfg: BudgetConfig, total_steps: int) -> tuple[int, int]:
+    """``(warmup_steps, final_steps)`` of a run of ``total_steps``; the final phase lasts >= 1 step."""
+    return int(round(cfg.warmup_frac * total_steps)), max(1, int(round(cfg.final_frac * total_steps)))
+
+
+def orth_penalty(x: Tensor) -> Tensor:
+    """``||G − I||²_F`` with ``G`` the Gram matrix over the shorter side of ``x`` (fp32 scalar).
+
+    For ``A: [r, in]`` that is ``A Aᵀ`` (orthonormal rows), for ``B: [out, r]`` it is ``Bᵀ B``
+    (orthonormal columns): the only Gram of a thin matrix that can equal the identity.
+    """
+    x = x.float()
+    g = x @ x.T if x.shape[0] <= x.shape[1] else x.T @ x  # (short, short)
+    return (g - torch.eye(g.shape[0], device=g.device, dtype=g.dtype)).pow(2).sum()
+
+
+class PrunableDiagonal(nn.Module):
+    """``Λ = diag(λ ⊙ mask)``: trainable singular values (zero init) with a pruning mask.
+
+    ``mask`` is a persistent bool buffer; pruned entries of ``λ`` are also set to zero, so a file
+    holding only the trainable tensors (``save_adapter``) keeps the pruned function.
+    """
+
+    def __init__(self, rank: int, like: Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(rank, device=like.device, dtype=like.dtype))  # (r,)
+        self.register_buffer("mask", torch.ones(rank, dtype=torch.bool, device=like.device))
+        self.history: list[tuple[int, int]] = []  # (step, remaining rank) after every after_step
+
+    def forward(self) -> Tensor:
+        return self.weight * self.mask  # (r,)
+
+    @torch.no_grad()
+    def keep(self, keep: Tensor) -> None:
+        """Keep the entries where ``keep`` (bool ``[r]``) is true and prune the others."""
+        self.mask.copy_(keep.to(self.mask.device))
+        self.enforce()
+
+    @torch.no_grad()
+    def enforce(self) -> None:
+        """Zero the pruned entries of ``λ`` (the optimizer's momentum may have moved them)."""
+        self.weight.masked_fill_(~self.mask, 0.0)
+
+    def remaining(self) -> int:
+        return int(self.mask.sum())
+
+
+class Sensitivity:
+    """Smoothed sensitivity ``Ī`` and uncertainty ``Ū`` of named tensors (AdaLoRA eq. 7-8), in fp32."""
+
+    def __init__(self, beta1: float, beta2: float):
+        self.beta1, self.beta2 = beta1, beta2
+        self.avg: dict[str, Tensor] = {}
+        self.unc: dict[str, Tensor] = {}
+
+    @torch.no_grad()
+    def update(self, tensors: dict[str, Tensor]) -> bool:
+        """Fold ``|p · p.grad|`` of every tensor into the averages; False if none had a gradient."""
+        seen = False
+        for name, p in tensors.items():
+            if p.grad is None:
+                continue
+            seen = True
+            ipt = (p.detach().float() * p.grad.detach().float()).abs()
+            avg = self.avg.get(name, torch.zeros_like(ipt))
+            unc = self.unc.get(name, torch.zeros_like(ipt))
+            avg = self.beta1 * avg + (1 - self.beta1) * ipt
+            self.avg[name] = avg
+            self.unc[name] = self.beta2 * unc + (1 - self.beta2) * (ipt - avg).abs()
+        return seen
+
+    def score(self, name: str, like: Tensor) -> Tensor:
+        """Entry scores ``Ī · Ū`` shaped like ``like`` (zeros before the first update)."""
+        if name not in self.avg:
+            return torch.zeros(like.shape, device=like.device, dtype=torch.float32)
+        return self.avg[name] * self.unc[name]
+
+    def triplet_scores(self, diag: Tensor, row_factor: Tensor, col_factor: Tensor) -> Tensor:
+        """Score of triplet ``i``: ``s(λ_i) + mean_j s(row_factor[i, j]) + mean_j s(col_factor[j, i])``."""
+        return (self.score("diag", diag) + self.score("row", row_factor).mean(dim=1)
+                + self.score("col", col_factor).mean(dim=0))  # (r,)
+
+
+class RankAllocator:
+    """One allocation group: the layers built with one config object (see the module docstring).
+
+    A layer joins with :meth:`add` and must provide ``lora_E`` (:class:`PrunableDiagonal`),
+    ``update_importance() -> bool`` and ``triplet_scores() -> Tensor [r]``.
+    """
+
+    def __init__(self, cfg: BudgetConfig):
+        self.cfg = cfg
+        self.layers: list[nn.Module] = []
+        self.last_step: int | None = None
+        self.frozen = False  # True once the final phase fixed the rank pattern
+        self._warned = False
+
+    def add(self, layer: nn.Module) -> None:
+        self.layers.append(layer)
+
+    def budgets(self, step: int, total_steps: int) -> tuple[list[int], str]:
+        """Per-layer budgets at ``step`` (global: one budget, split by score at allocation time)."""
+        warm, final = phase_lengths(self.cfg, total_steps)
+        ranks = [lay.lora_E.weight.numel() for lay in self.layers]
+        targets = [min(self.cfg.target_rank, r) for r in ranks]
+        if self.cfg.allocation == "global":
+            budget, phase = budget_schedule(step, total_steps, sum(ranks), sum(targets), warm, final)
+            return [budget], phase
+        out = [budget_schedule(step, total_steps, r, t, warm, final) for r, t in zip(ranks, targets)]
+        return [b for b, _ in out], out[0][1]
+
+    @torch.no_grad()
+    def step(self, step: int, total_steps: int) -> None:
+        """Update importance, prune to the scheduled budget and record the ranks (once per step)."""
+        if step == self.last_step:
+            return
+        if not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"after_step needs the planned number of optimizer steps, got total_steps={total_steps!r}")
+        self.last_step = step
+        if not self.frozen:
+            seen = [lay.update_importance() for lay in self.layers]
+            if not any(seen) and not self._warned:
+                self._warned = True
+                warnings.warn("rank allocation found no gradients: call after_step() after optimizer.step() "
+                              "and before optimizer.zero_grad()", RuntimeWarning, stacklevel=3)
+        budgets, phase = self.budgets(step, total_steps)
+        if (phase == "prune" and step % self.cfg.mask_interval == 0) or (phase == "final" and not self.frozen):
+            self._allocate(budgets)
+        if phase == "final":
+            self.frozen = True
+        for lay in self.layers:
+            lay.lora_E.enforce()
+            lay.lora_E.history.append((int(step), lay.lora_E.remaining()))
+
+    def _allocate(self, budgets: list[int]) -> None:
+        scores = [lay.triplet_scores().float().cpu() for lay in self.layers]
+        if self.cfg.allocation == "global":
+            flat = torch.cat(scores)
+            keep = torch.zeros(flat.numel(), dtype=torch.bool)
+            keep[torch.topk(flat, min(budgets[0], flat.numel())).indices] = True
+            for lay, k in zip(self.layers, keep.split([s.numel() for s in scores])):
+                lay.lora_E.keep(k)
+            return
+        for lay, s, b in zip(self.layers, scores, budgets):
+            keep = torch.zeros(s.numel(), dtype=torch.bool)
+            keep[torch.topk(s, min(b, s.numel())).indices] = True
+            lay.lora_E.keep(keep)
+
+    def reg_scale(self) -> float:
+        """``orth_reg_weight / n_layers``: summing every layer's term gives the weighted layer mean."""
+        return self.cfg.orth_reg_weight / max(1, len(self.layers))
+
+
+_GROUPS: "weakref.WeakValueDictionary[int, RankAllocator]" = weakref.WeakValueDictionary()
+
+
+def allocator_for(cfg: BudgetConfig) -> RankAllocator:
+    """The allocation group of ``cfg`` (created on first use; layers sharing ``cfg`` share it).
+
+    Keyed by ``id(cfg)``: the group lives as long as a layer holds it, and each layer also holds
+    ``cfg``, so the id cannot be reused by another config while the group exists.
+    """
+    group = _GROUPS.get(id(cfg))
+    if group is None or group.cfg is not cfg:
+        group = RankAllocator(cfg)
+        _GROUPS[id(cfg)] = group
+    return group
+
+
+def update_and_allocate(model: nn.Module, step: int, total_steps: int) -> None:
+    """Call ``after_step(step, total_steps)`` on every module of ``model`` that has it.
+
+    For notebooks and custom loops: call it after ``optimizer.step()`` and before ``zero_grad()``.
+    """
+    for m in model.modules():
+        if hasattr(m, "after_step"):
+            m.after_step(step, total_steps)
+
+
+def regularization_loss(model: nn.Module) -> Tensor:
+    """Sum of ``regularization_loss()`` over the modules of ``model`` (add it to the loss before backward)."""
+    terms = [m.regularization_loss() for m in model.modules() if hasattr(m, "regularization_loss")]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def rank_history(model: nn.Module) -> dict[str, list[tuple[int, int]]]:
+    """``{module name: [(step, remaining rank), ...]}`` of every pruning layer (paper figure 3 heatmap)."""
+    return {name: list(m.lora_E.history) for name, m in model.named_modules()
+            if isinstance(getattr(m, "lora_E", None), PrunableDiagonal)}
+
+
+def gaussian_(t: Tensor, std: float | None = None) -> Tensor:
+    """Fill ``t`` from N(0, std²); ``std=None`` uses ``1/sqrt(longer side)``, which starts a thin
+    matrix near the orthonormal set its regulariser targets."""
+    with torch.no_grad():
+        return t.normal_(0.0, std if std is not None else 1.0 / math.sqrt(max(t.shape)))

@@ -1,0 +1,410 @@
+"""Soft prompts: prompt tuning, P-tuning (input virtual tokens) and prefix tuning (per-layer keys/values).
+
+All three hook the base model (``model.base_model``: ``BertModel``, ``LlamaModel``) so that the
+ordinary call ``model(input_ids=..., attention_mask=..., labels=...)`` works unchanged:
+
+* prompt / P-tuning: a forward pre-hook embeds ``input_ids``, inserts ``n`` trainable vectors and
+  extends ``attention_mask`` (and ``token_type_ids``/``position_ids`` when given); a forward hook
+  removes the ``n`` positions from the output hidden states, so logits, labels and pooling keep
+  their shapes. Encoders get the prompt after the first token ([CLS], which the pooler reads);
+  decoders before the first token.
+* prefix: the pre-hook puts ``n`` trainable key/value vectors per layer into a fresh
+  ``DynamicCache`` (``past_key_values``) and extends ``attention_mask``: every attention layer
+  attends to them, and ``transformers`` builds the masks (as PEFT does). As in PEFT, the prefix
+  holds positions ``0..n-1`` and the real tokens start at ``n`` (given ``position_ids`` are shifted
+  too, so cached generation matches a plain forward).
+
+During cached generation the virtual tokens are added once (prefill); later steps only extend the
+mask (and shift given ``position_ids``). None of them is mergeable or has an effective weight.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .base import AdapterConfig, ModelMethod
+from .registry import register
+
+_SOURCE = "seed 001 (lecture), 'PEFT Techniques': 2. Prefix Tuning, 3. Prompt Tuning"
+
+
+def _n_tokens_field(default: int = 20, what: str = "virtual tokens n prepended to every input"):
+    return field(default=default, metadata={"help": what, "min": 1, "max": 512})
+
+
+def _position_field():
+    return field(default="auto", metadata={
+        "help": "where the prompt goes: auto (after [CLS] for encoders, at the start for decoders)",
+        "choices": ["auto", "start", "after_first"]})
+
+
+@dataclass
+class PromptConfig(AdapterConfig):
+    """Prompt tuning options (rank/alpha are unused)."""
+
+    num_virtual_tokens: int = _n_tokens_field()
+    position: str = _position_field()
+    init: str = field(default="vocab", metadata={
+        "help": "vocab: copies of random token embeddings (Lester et al. sec. 3); random: N(0, std of the embeddings)",
+        "choices": ["vocab", "random"]})
+
+
+@dataclass
+class PTuningConfig(AdapterConfig):
+    """P-tuning options (rank/alpha are unused)."""
+
+    num_virtual_tokens: int = _n_tokens_field()
+    position: str = _position_field()
+    encoder: str = field(default="lstm", metadata={
+        "help": "prompt encoder: lstm (2-layer bidirectional LSTM + MLP, as the paper) or mlp",
+        "choices": ["lstm", "mlp"]})
+    encoder_hidden: int = field(default=128, metadata={"help": "hidden size of the prompt encoder", "min": 1, "max": 4096})
+
+
+@dataclass
+class PrefixConfig(AdapterConfig):
+    """Prefix tuning options (rank/alpha are unused)."""
+
+    num_virtual_tokens: int = _n_tokens_field(10, "prefix length n: key/value vectors added to every attention layer")
+    init: str = field(default="tokens", metadata={
+        "help": "tokens: keys/values of random real tokens (Li & Liang sec. 7.2); random: N(0, 1)",
+        "choices": ["tokens", "random"]})
+    reparameterize: bool = field(default=False, metadata={
+        "help": "produce the prefix with an MLP from n embeddings (Li & Liang sec. 4.3); more parameters"})
+    encoder_hidden: int = field(default=128, metadata={
+        "help": "hidden size of the reparameterisation MLP", "min": 1, "max": 4096})
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _base(model: nn.Module) -> nn.Module:
+    return getattr(model, "base_model", model)
+
+
+def _hidden(model: nn.Module) -> int:
+    return _base(model).get_input_embeddings().weight.shape[1]
+
+
+def _is_causal(model: nn.Module) -> bool:
+    if getattr(getattr(model, "config", None), "is_decoder", False):
+        return True
+    return any(getattr(m, "is_causal", False) is True for m in model.modules())
+
+
+def _kv_geometry(config) -> tuple[int, int, int]:
+    """(layers, key/value heads, head dim) of a ``transformers`` config."""
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    return config.num_hidden_layers, kv, getattr(config, "head_dim", None) or config.hidden_size // heads
+
+
+def _insert(t: Tensor, k: int, block: Tensor) -> Tensor:
+    """``t[:, :k] ++ block ++ t[:, k:]`` along dim 1."""
+    return torch.cat([t[:, :k], block, t[:, k:]], dim=1)
+
+
+class _Hooked(nn.Module):
+    """Base of the modules attached to the base model; binds positional args to names."""
+
+    def __init__(self, arg_names: list[str], n: int):
+        super().__init__()
+        self.arg_names, self.n = arg_names, n
+
+    def bind(self, args: tuple, kwargs: dict) -> dict:
+        return {**dict(zip(self.arg_names, args)), **kwargs}
+
+    def attach(self, model: nn.Module, attr: str) -> None:
+        base = _base(model)
+        setattr(base, attr, self)
+        base.register_forward_pre_hook(self.pre_hook, with_kwargs=True)
+        if hasattr(self, "post_hook"):
+            base.register_forward_hook(self.post_hook)
+
+
+def _arg_names(model: nn.Module) -> list[str]:
+    return list(inspect.signature(_base(model).forward).parameters)
+
+
+# -- input virtual tokens (prompt tuning, P-tuning) ------------------------------------------------
+class VirtualTokens(_Hooked):
+    """Inserts ``prompt(): [n, d]`` into the embedded input at position ``insert_at``."""
+
+    def __init__(self, arg_names: list[str], n: int, insert_at: int, encoder: nn.Module):
+        super().__init__(arg_names, n)
+        self.insert_at = insert_at
+        self.encoder = encoder
+        self._inserted = False
+
+    def prompt(self) -> Tensor:
+        return self.encoder()  # (n, d)
+
+    def pre_hook(self, module, args, kwargs):
+        kw = self.bind(args, kwargs)
+        n, k = self.n, self.insert_at
+        past = kw.get("past_key_values")
+        self._inserted = past is None or past.get_seq_length() == 0
+        pos = kw.get("position_ids")
+        if self._inserted:
+            emb = kw.get("inputs_embeds")
+            if emb is None:
+                emb = module.get_input_embeddings()(kw["input_ids"])  # (B, L, d)
+            b = emb.shape[0]
+            kw["input_ids"] = None
+            kw["inputs_embeds"] = _insert(emb, k, self.prompt().to(emb.dtype).unsqueeze(0).expand(b, -1, -1))
+            tt = kw.get("token_type_ids")
+            if tt is not None:  # the prompt takes the segment of its left neighbour
+                kw["token_type_ids"] = _insert(tt, k, tt[:, max(k - 1, 0):max(k, 1)].expand(-1, n))
+            if pos is not None:
+                steps = torch.arange(n, device=pos.device, dtype=pos.dtype)
+                kw["position_ids"] = _insert(pos + n * (torch.arange(pos.shape[1], device=pos.device) >= k),
+                                             k, pos[:, k:k + 1] + steps)
+        elif pos is not None:  # decoding: the cache already holds the prompt
+            kw["position_ids"] = pos + n
+        mask = kw.get("attention_mask")
+        if mask is not None:
+            if mask.dim() != 2:
+                raise ValueError("prompt methods need a 2-D attention_mask of shape [batch, seq]")
+            kw["attention_mask"] = _insert(mask, k, mask.new_ones(mask.shape[0], n))
+        return (), kw
+
+    def post_hook(self, module, args, output):
+        if not self._inserted:
+            return output
+        self._inserted = False
+        k, n = self.insert_at, self.n
+
+        def strip(h: Tensor) -> Tensor:  # (B, L + n, d) -> (B, L, d)
+            return torch.cat([h[:, :k], h[:, k + n:]], dim=1)
+
+        if isinstance(output, tuple):
+            return (strip(output[0]),) + tuple(output[1:])
+        output.last_hidden_state = strip(output.last_hidden_state)
+        if getattr(output, "hidden_states", None) is not None:
+            output.hidden_states = tuple(strip(h) for h in output.hidden_states)
+        return output
+
+
+class PromptEmbedding(nn.Module):
+    """Prompt tuning's free vectors ``P: [n, d]``."""
+
+    def __init__(self, embeddings: Tensor, n: int, init: str):
+        super().__init__()
+        if init == "vocab":  # copies of random rows of the embedding matrix
+            p = embeddings[torch.randint(0, embeddings.shape[0], (n,))].detach().clone()
+        elif init == "random":
+            p = torch.randn(n, embeddings.shape[1], dtype=embeddings.dtype, device=embeddings.device) * embeddings.std()
+        else:
+            raise ValueError(f"prompt init must be 'vocab' or 'random', got {init!r}")
+        self.prompt_embedding = nn.Parameter(p.detach())
+
+    def forward(self) -> Tensor:
+        return self.prompt_embedding
+
+
+class PromptEncoder(nn.Module):
+    """P-tuning's encoder: ``P = MLP(BiLSTM(E))`` (or ``P = MLP(E)``), ``E: [n, d]`` free embeddings."""
+
+    def __init__(self, n: int, d: int, cfg: PTuningConfig, like: Tensor):
+        super().__init__()
+        h, kw = cfg.encoder_hidden, {"device": like.device, "dtype": like.dtype}
+        self.prompt_embedding = nn.Parameter(torch.randn(n, d, **kw))  # as nn.Embedding's N(0, 1)
+        if cfg.encoder == "lstm":
+            self.lstm = nn.LSTM(d, h, num_layers=2, bidirectional=True, batch_first=True, **kw)
+            self.mlp = nn.Sequential(nn.Linear(2 * h, 2 * h, **kw), nn.ReLU(), nn.Linear(2 * h, d, **kw))
+        elif cfg.encoder == "mlp":
+            self.lstm = None
+            self.mlp = nn.Sequential(nn.Linear(d, h, **kw), nn.ReLU(), nn.Linear(h, h, **kw), nn.ReLU(),
+                                     nn.Linear(h, d, **kw))
+        else:
+            raise ValueError(f"P-tuning encoder must be 'lstm' or 'mlp', got {cfg.encoder!r}")
+
+    def forward(self) -> Tensor:
+        e = self.prompt_embedding  # (n, d)
+        if self.lstm is not None:
+            e = self.lstm(e.unsqueeze(0))[0].squeeze(0)  # (n, 2h)
+        return self.mlp(e)  # (n, d)
+
+    @staticmethod
+    def num_params(n: int, d: int, cfg: PTuningConfig) -> int:
+        h = cfg.encoder_hidden
+        if cfg.encoder == "mlp":
+            return n * d + (d * h + h) + (h * h + h) + (h * d + d)
+        lstm = sum(2 * (4 * h * d_in + 4 * h * h + 8 * h) for d_in in (d, 2 * h))  # 2 layers x 2 directions
+        return n * d + lstm + (2 * h * 2 * h + 2 * h) + (2 * h * d + d)
+
+
+def _insert_at(model: nn.Module, position: str) -> int:
+    if position not in ("auto", "start", "after_first"):
+        raise ValueError(f"position must be auto, start or after_first, got {position!r}")
+    if position == "auto":
+        return 0 if _is_causal(model) else 1
+    return 0 if position == "start" else 1
+
+
+@register("prompt", PromptConfig)
+class PromptTuning(ModelMethod):
+    """Prompt tuning (Lester et al., arXiv:2104.08691): ``n`` trainable input embeddings, nothing else.
+
+    The input becomes ``[CLS] P_1..P_n x_1..x_L`` (encoders) or ``P_1..P_n x_1..x_L`` (decoders);
+    every weight of the model stays frozen. The prompt positions are removed from the output, so
+    logits and labels keep their shapes. Not mergeable: the prompt is input, not a weight change.
+
+    Not identity at init: the real tokens attend to the new vectors from the first step (no
+    zero-initialised prompt leaves attention unchanged, since softmax weights are positive).
+    """
+
+    description = "Prompt tuning: n trainable embeddings inserted into the input"
+    formula = r"[\,e(x_{\mathrm{CLS}}),\ P_1,\dots,P_n,\ e(x_1),\dots,e(x_L)\,],\ P \in \mathbb{R}^{n\times d}"
+    paper = "Lester, Al-Rfou & Constant, The Power of Scale for Parameter-Efficient Prompt Tuning, EMNLP 2021"
+    source = _SOURCE
+    identity_at_init = False
+
+    @classmethod
+    def apply_to_model(cls, model, cfg: PromptConfig, target_modules=None) -> None:
+        emb = _base(model).get_input_embeddings().weight
+        enc = PromptEmbedding(emb, cfg.num_virtual_tokens, cfg.init)
+        VirtualTokens(_arg_names(model), cfg.num_virtual_tokens, _insert_at(model, cfg.position), enc).attach(
+            model, "bora_prompt")
+
+    @classmethod
+    def count_params(cls, model, cfg: PromptConfig, target_modules=None) -> int:
+        return cfg.num_virtual_tokens * _hidden(model)
+
+
+@register("ptuning", PTuningConfig)
+class PTuning(ModelMethod):
+    """P-tuning (Liu et al., GPT Understands, Too, arXiv:2103.10385): prompts from a small encoder.
+
+    ``P = MLP(BiLSTM(E))`` with free embeddings ``E: [n, d]``; the encoder couples the virtual
+    tokens and steadies training. The paper interleaves prompts with a template; we place them as
+    prompt tuning does. Not mergeable: the prompt is input, not a weight change.
+
+    Not identity at init: the real tokens attend to the new vectors from the first step (no
+    zero-initialised prompt leaves attention unchanged, since softmax weights are positive).
+    """
+
+    description = "P-tuning: virtual-token embeddings produced by a small LSTM/MLP encoder"
+    formula = r"P = \mathrm{MLP}(\mathrm{BiLSTM}(E)),\ E \in \mathbb{R}^{n\times d};\ [\,P,\ e(x)\,]"
+    paper = "Liu et al., GPT Understands, Too (P-tuning), arXiv:2103.10385, 2021"
+    source = _SOURCE
+    identity_at_init = False
+
+    @classmethod
+    def apply_to_model(cls, model, cfg: PTuningConfig, target_modules=None) -> None:
+        emb = _base(model).get_input_embeddings().weight
+        enc = PromptEncoder(cfg.num_virtual_tokens, emb.shape[1], cfg, emb)
+        VirtualTokens(_arg_names(model), cfg.num_virtual_tokens, _insert_at(model, cfg.position), enc).attach(
+            model, "bora_prompt")
+
+    @classmethod
+    def count_params(cls, model, cfg: PTuningConfig, target_modules=None) -> int:
+        return PromptEncoder.num_params(cfg.num_virtual_tokens, _hidden(model), cfg)
+
+
+# -- prefix tuning ---------------------------------------------------------------------------------
+class PrefixKV(_Hooked):
+    """Trainable keys/values ``[layers, kv_heads, n, head_dim]`` fed to the model as ``past_key_values``."""
+
+    def __init__(self, model: nn.Module, cfg: PrefixConfig):
+        n = cfg.num_virtual_tokens
+        super().__init__(_arg_names(model), n)
+        base = _base(model)
+        self.geometry = layers, kv, hd = _kv_geometry(base.config)
+        like = base.get_input_embeddings().weight
+        kw = {"device": like.device, "dtype": like.dtype}
+        if cfg.reparameterize:  # Li & Liang: P = MLP(P'), only for training stability
+            d, h = like.shape[1], cfg.encoder_hidden
+            self.prefix_embedding = nn.Parameter(torch.randn(n, d, **kw))
+            self.prefix_mlp = nn.Sequential(nn.Linear(d, h, **kw), nn.Tanh(), nn.Linear(h, layers * 2 * kv * hd, **kw))
+        elif cfg.init == "tokens":
+            keys, values = _token_key_values(base, n)
+            self.prefix_keys, self.prefix_values = nn.Parameter(keys), nn.Parameter(values)
+        elif cfg.init == "random":
+            self.prefix_keys = nn.Parameter(torch.randn(layers, kv, n, hd, **kw))
+            self.prefix_values = nn.Parameter(torch.randn(layers, kv, n, hd, **kw))
+        else:
+            raise ValueError(f"prefix init must be 'tokens' or 'random', got {cfg.init!r}")
+
+    def key_values(self) -> tuple[Tensor, Tensor]:
+        """Keys and values, each ``(layers, kv_heads, n, head_dim)``."""
+        if not hasattr(self, "prefix_mlp"):
+            return self.prefix_keys, self.prefix_values
+        layers, kv, hd = self.geometry
+        out = self.prefix_mlp(self.prefix_embedding)  # (n, layers * 2 * kv * hd)
+        out = out.view(self.n, layers, 2, kv, hd).permute(2, 1, 3, 0, 4)  # (2, layers, kv, n, hd)
+        return out[0], out[1]
+
+    def pre_hook(self, module, args, kwargs):
+        from transformers import DynamicCache
+
+        kw = self.bind(args, kwargs)
+        ref = kw["input_ids"] if kw.get("input_ids") is not None else kw["inputs_embeds"]
+        b, length = ref.shape[:2]
+        past = kw.get("past_key_values")
+        if past is None:
+            past = kw["past_key_values"] = DynamicCache(config=module.config)
+        if past.get_seq_length() == 0:
+            keys, values = self.key_values()
+            for i in range(keys.shape[0]):
+                past.update(keys[i].unsqueeze(0).expand(b, -1, -1, -1), values[i].unsqueeze(0).expand(b, -1, -1, -1), i)
+        mask = kw.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(b, past.get_seq_length() - self.n + length, dtype=torch.long, device=ref.device)
+        kw["attention_mask"] = torch.cat([mask.new_ones(b, self.n), mask], dim=1)
+        if kw.get("position_ids") is not None:  # the prefix holds positions 0..n-1, as when none are given
+            kw["position_ids"] = kw["position_ids"] + self.n
+        return (), kw
+
+
+@torch.no_grad()
+def _token_key_values(base: nn.Module, n: int) -> tuple[Tensor, Tensor]:
+    """Keys/values that ``n`` random vocabulary tokens produce in every layer (eval mode)."""
+    from transformers import DynamicCache
+
+    vocab = base.get_input_embeddings().weight.shape[0]
+    cache = DynamicCache(config=base.config)
+    was_training = base.training
+    base.eval()
+    try:
+        base(input_ids=torch.randint(0, vocab, (1, n), device=base.get_input_embeddings().weight.device),
+             past_key_values=cache, use_cache=True)
+    finally:
+        base.train(was_training)
+    keys = torch.stack([layer.keys[0] for layer in cache.layers])  # (layers, kv, n, hd)
+    values = torch.stack([layer.values[0] for layer in cache.layers])
+    return keys.clone(), values.clone()
+
+
+@register("prefix", PrefixConfig)
+class PrefixTuning(ModelMethod):
+    """Prefix tuning (Li & Liang, arXiv:2101.00190): trainable keys/values prepended in every layer.
+
+    Each attention layer ``l`` computes ``softmax(q [K_l^P; K]^T / sqrt(d)) [V_l^P; V]`` with
+    ``n`` trainable ``K_l^P, V_l^P``. With ``reparameterize`` they come from an MLP during
+    training (the paper's trick; afterwards only ``P`` is needed). Not mergeable: attention over
+    extra keys is no weight change.
+
+    Not identity at init: the real tokens attend to the new vectors from the first step (no
+    zero-initialised prompt leaves attention unchanged, since softmax weights are positive).
+    """
+
+    description = "Prefix tuning: n trainable key/value vectors prepended in every attention layer"
+    formula = r"\mathrm{head}_l = \mathrm{softmax}\!\left(\tfrac{q\,[K^P_l;K]^\top}{\sqrt{d}}\right)[V^P_l;V]"
+    paper = "Li & Liang, Prefix-Tuning: Optimizing Continuous Prompts for Generation, ACL 2021"
+    source = _SOURCE
+    identity_at_init = False
+
+    @classmethod
+    def apply_to_model(cls, model, cfg: PrefixConfig, target_modules=None) -> None:
+        PrefixKV(model, cfg).attach(model, "bora_prefix")
+
+    @classmethod
+    def count_params(cls, model, cfg: PrefixConfig, target_modules=None) -> int:
+        layers, kv, hd = _kv_geometry(_base(model).config)
+        n, out = cfg.num_virtual_tokens, layers * 2 * kv * hd
+        if cfg.reparameterize:
+            d, h = _hidden(model), cfg.encoder_hidden
+            return n * d + (d * h + h) + (h * out + out)
+        return n * out

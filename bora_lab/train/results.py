@@ -1,0 +1,270 @@
+"""The results dict of a comparison: built from events, saved to and loaded from a folder.
+
+``ResultsAccumulator.update(event)`` builds the dict incrementally, so the trainer (for
+``ComparisonDone`` and ``results.json``), the CLI and the app's live plots share one code path.
+The schema is documented in ``docs/results_schema.md``. This module imports no torch (the weight
+export imports ``safetensors.torch`` only when called with weights), so the UI can use it freely.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+FINAL_LOSS_WINDOW = 10  # "final loss" = mean training loss of the last 10 steps (single steps are noisy)
+STATUSES = ("pending", "running", "done", "nan", "oom", "error", "cancelled")
+
+
+def _get(event: Any, key: str, default: Any = None) -> Any:
+    """Field of an event object or of its ``to_dict()`` form."""
+    if isinstance(event, dict):
+        return event.get(key, default)
+    return getattr(event, key, default)
+
+
+def new_run_entry(run_id: str, method: str, rank: int) -> dict[str, Any]:
+    """An empty per-run record (see the schema)."""
+    return {"run_id": run_id, "method": method, "rank": rank, "status": "pending", "error": None,
+            "trainable_params": None, "total_params": None, "trainable_pct": None, "magnitude_axis": None,
+            "device": None, "analysed_modules": [], "history": [], "eval": [], "analysis": [],
+            "median_step_s": None, "peak_mem_mb": None, "summary": {}}
+
+
+class ResultsAccumulator:
+    """Builds the results dict from trainer events (objects or their ``to_dict()``).
+
+    Args:
+        cfg: the ``RunConfig`` (or its dict) of the comparison; fixes the runs and their order.
+    """
+
+    def __init__(self, cfg: Any):
+        cfg_dict = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+        runs = [new_run_entry(f"{m}-r{r}", m, r) for m in cfg_dict["methods"] for r in cfg_dict["ranks"]]
+        self.results: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "status": "running", "message": None, "config": cfg_dict, "task": {}, "device": None,
+            "peak_mem_kind": None, "progress": None, "runs": runs,
+        }
+        self._index = {r["run_id"]: r for r in runs}
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        """The entry of ``run_id`` (created on the fly for ids outside the config)."""
+        if run_id not in self._index:
+            method, _, rank = run_id.rpartition("-r")
+            entry = new_run_entry(run_id, method, int(rank) if rank.isdigit() else 0)
+            self.results["runs"].append(entry)
+            self._index[run_id] = entry
+        return self._index[run_id]
+
+    def update(self, event: Any) -> dict[str, Any]:
+        """Fold one event into the results; returns the (same, mutated) results dict."""
+        kind = _get(event, "kind")
+        res = self.results
+        if kind == "comparison_done":
+            done = _get(event, "results")
+            if done is not res:
+                res.clear()
+                res.update(copy.deepcopy(done))
+                self._index = {r["run_id"]: r for r in res["runs"]}
+            return res
+        if kind == "progress":
+            res["progress"] = {k: _get(event, k) for k in ("done_steps", "total_steps", "elapsed_s", "eta_s")}
+        elif kind == "cancelled":
+            res["status"], res["message"] = "cancelled", _get(event, "message")
+        elif kind in ("run_started", "step", "eval", "analysis", "run_finished", "error"):
+            self._update_run(self.run(_get(event, "run_id")), kind, event)
+        return res
+
+    def _update_run(self, entry: dict, kind: str, ev: Any) -> None:
+        if kind == "run_started":
+            info = _get(ev, "info") or {}
+            entry.update(status="running", trainable_params=_get(ev, "trainable_params"),
+                         total_params=_get(ev, "total_params"), device=_get(ev, "device"),
+                         analysed_modules=list(_get(ev, "analysed_modules") or []),
+                         trainable_pct=info.get("trainable_pct"), magnitude_axis=info.get("magnitude_axis"))
+            if info.get("task"):
+                self.results["task"] = info["task"]
+            self.results["device"] = _get(ev, "device")
+            self.results["peak_mem_kind"] = info.get("peak_mem_kind")
+            if "lockstep" in info:
+                self.results["lockstep"] = info["lockstep"]
+        elif kind == "step":
+            row = {k: _get(ev, k) for k in ("step", "loss", "lr", "step_s", "peak_mem_mb")}
+            entry["history"].append(row)
+            entry["peak_mem_mb"] = max(entry["peak_mem_mb"] or 0.0, row["peak_mem_mb"] or 0.0)
+        elif kind == "eval":
+            entry["eval"].append({"step": _get(ev, "step"), "metrics": dict(_get(ev, "metrics"))})
+        elif kind == "analysis":
+            entry["analysis"].append({**_get(ev, "snapshot"), "cost_s": _get(ev, "cost_s", 0.0)})
+        elif kind == "error":
+            entry["status"], entry["error"] = _get(ev, "status", "error"), _get(ev, "message")
+        elif kind == "run_finished":
+            summary = dict(_get(ev, "summary"))
+            entry["summary"] = summary
+            entry["status"] = summary.get("status", entry["status"])
+            entry["median_step_s"] = summary.get("median_step_s")
+            entry["peak_mem_mb"] = summary.get("peak_mem_mb", entry["peak_mem_mb"])
+
+    def finish(self, status: str = "done") -> dict[str, Any]:
+        """Mark the comparison finished (unless cancelled) and return the results."""
+        if self.results["status"] == "running":
+            self.results["status"] = status
+        return self.results
+
+
+# --------------------------------------------------------------------------- per-run summary
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def summarize(entry: dict[str, Any], task: dict[str, Any] | None = None, status: str | None = None) -> dict[str, Any]:
+    """The run's row of the results table, from what its entry holds so far (works on partial runs).
+
+    Keys: run_id, method, rank, status, error, trainable_params, total_params, trainable_pct,
+    steps_done, final_loss, metric, eval_metric, eval_step, median_step_s, peak_mem_mb,
+    dM_row, dM_col, dD_row, dD_col (mean over analysed modules, from the start, last snapshot),
+    asymmetry_ratio, dora_slope, dora_r (DoRA fig. 2 fit on the row axis), analysis_overhead_pct.
+    Missing values are None.
+    """
+    task = task or {}
+    hist, evals, snaps = entry.get("history", []), entry.get("eval", []), entry.get("analysis", [])
+    losses = [h["loss"] for h in hist[-FINAL_LOSS_WINDOW:] if _finite(h.get("loss"))]
+    step_s = [h["step_s"] for h in hist if _finite(h.get("step_s"))]
+    mems = [h["peak_mem_mb"] for h in hist if _finite(h.get("peak_mem_mb"))]
+    metric = task.get("metric")
+    last_eval = evals[-1] if evals else None
+    out: dict[str, Any] = {
+        "run_id": entry["run_id"], "method": entry["method"], "rank": entry["rank"],
+        "status": status or entry.get("status"), "error": entry.get("error"),
+        "trainable_params": entry.get("trainable_params"), "total_params": entry.get("total_params"),
+        "trainable_pct": entry.get("trainable_pct"), "steps_done": hist[-1]["step"] if hist else 0,
+        "final_loss": statistics.fmean(losses) if losses else None,
+        "metric": metric,
+        "eval_metric": (last_eval["metrics"].get(metric) if last_eval and metric else None),
+        "eval_step": last_eval["step"] if last_eval else None,
+        "median_step_s": statistics.median(step_s) if step_s else None,
+        "peak_mem_mb": max(mems) if mems else None,
+        "dM_row": None, "dM_col": None, "dD_row": None, "dD_col": None,
+        "asymmetry_ratio": None, "dora_slope": None, "dora_r": None, "analysis_overhead_pct": None,
+    }
+    moved = [s for s in snaps if s.get("prev_step") is not None]
+    if moved:
+        from ..analysis.weights import asymmetry_ratio, dora_scatter_points, fit_line
+
+        mean = moved[-1]["mean"]["from_start"]
+        out.update({k: mean[k] for k in ("dM_row", "dM_col", "dD_row", "dD_col")})
+        out["asymmetry_ratio"] = asymmetry_ratio(mean["dM_row"], mean["dM_col"])
+        pts = dora_scatter_points(snaps, axis="row")
+        fit = fit_line([p[0] for p in pts], [p[1] for p in pts])
+        out["dora_slope"], out["dora_r"] = fit["slope"], fit["pearson_r"]
+    if snaps and step_s:
+        out["analysis_overhead_pct"] = 100.0 * sum(s.get("cost_s", 0.0) for s in snaps) / sum(step_s)
+    return out
+
+
+# --------------------------------------------------------------------------- files
+def _clean(obj: Any) -> Any:
+    """Strict JSON: NaN/inf floats become None (JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _csv_rows(results: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
+    metric_names = sorted({k for r in results["runs"] for e in r["eval"] for k in e["metrics"]})
+    header = ["run_id", "method", "rank", "step", "loss", "lr", "step_s", "peak_mem_mb"]
+    header += [f"eval_{k}" for k in metric_names]
+    rows = []
+    for run in results["runs"]:
+        evals = {e["step"]: e["metrics"] for e in run["eval"]}
+        for h in run["history"]:
+            row = {"run_id": run["run_id"], "method": run["method"], "rank": run["rank"], **h}
+            for k in metric_names:
+                row[f"eval_{k}"] = evals.get(h["step"], {}).get(k, "")
+            rows.append(row)
+    return header, rows
+
+
+def save_results(results: dict[str, Any], out_dir: str | Path, weights: dict[str, Any] | None = None,
+                 html: bool = True) -> Path:
+    """Write a comparison to ``out_dir``.
+
+    Files: ``results.json`` (the results dict), ``config.json`` (the RunConfig), ``steps.csv``
+    (one row per run and step: run_id, method, rank, step, loss, lr, step_s, peak_mem_mb and
+    ``eval_<metric>`` where an eval happened at that step), ``figures.html`` (all plots, standalone)
+    when ``html``, and with ``weights`` (``ComparisonDone.weights``)
+    ``weights/<run_id>/weights_start.safetensors`` and ``weights_end.safetensors`` keyed by module name.
+
+    Returns:
+        The folder.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(_clean(results), indent=1, allow_nan=False))
+    (out / "config.json").write_text(json.dumps(results.get("config", {}), indent=1))
+    header, rows = _csv_rows(results)
+    with open(out / "steps.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    if weights:
+        from safetensors.torch import save_file
+
+        for run_id, pair in weights.items():
+            folder = out / "weights" / run_id
+            folder.mkdir(parents=True, exist_ok=True)
+            for when, tensors in pair.items():
+                if tensors:
+                    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / f"weights_{when}.safetensors"))
+    if html:
+        from ..plots import all_figures, results_table, save_html
+
+        cfg = results.get("config", {})
+        save_html(all_figures(results), out, table=results_table(results),
+                  title=f"BoRA Lab: {cfg.get('task')} on {cfg.get('model')} ({results.get('status')})")
+    return out
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    """Read ``results.json`` from a folder written by :func:`save_results` (or the file itself).
+
+    Raises:
+        FileNotFoundError: no results.json there.
+        ValueError: the file is not a BoRA Lab results file of a known schema version.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / "results.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"no results.json at {p}")
+    results = json.loads(p.read_text())
+    if not isinstance(results, dict) or "runs" not in results:
+        raise ValueError(f"{p} is not a BoRA Lab results file")
+    if results.get("schema_version", 0) > SCHEMA_VERSION:
+        raise ValueError(f"{p} has schema version {results['schema_version']}; this BoRA Lab reads <= {SCHEMA_VERSION}")
+    return results
+
+
+def list_results(root: str | Path = "runs") -> list[dict[str, Any]]:
+    """Saved comparisons under ``root`` (newest first): path, created, task, methods, ranks, status."""
+    found = []
+    for f in Path(root).glob("*/results.json"):
+        try:
+            r = load_results(f)
+        except (ValueError, OSError):
+            continue
+        cfg = r.get("config", {})
+        found.append({"path": str(f.parent), "created": r.get("created"), "task": cfg.get("task"),
+                      "model": cfg.get("model"), "methods": cfg.get("methods"), "ranks": cfg.get("ranks"),
+                      "status": r.get("status")})
+    return sorted(found, key=lambda d: d["created"] or "", reverse=True)

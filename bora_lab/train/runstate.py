@@ -1,0 +1,273 @@
+"""One run of a comparison: its model, optimizer, schedule, RNG stream and weight tracker.
+
+The trainer owns the loop; a :class:`RunState` knows how to take one step, evaluate, and take an
+analysis snapshot. Nothing here depends on the method: per-method behaviour comes from the
+registry (``methods.apply``) and from two optional module hooks, looked up with ``hasattr``:
+
+* ``regularization_loss()``: a scalar added to the loss before backward (e.g. LoRA2's
+  orthogonality terms);
+* ``after_step(step, total_steps)``: called after every optimizer step (e.g. AdaLoRA pruning).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import math
+import re
+import resource
+import sys
+import time
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import methods
+from ..analysis.weights import WeightTracker
+from ..config import RunConfig
+from .pipeline import Pipeline, to_device
+
+_LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
+# A loss above DIVERGENCE_FACTOR * max(1, first loss) counts as diverged (Adam bounds each update by
+# ~lr, so a huge lr gives finite but meaningless losses rather than NaN).
+DIVERGENCE_FACTOR = 1e6
+
+
+class NonFiniteLoss(ArithmeticError):
+    """The training loss became NaN or infinite, or diverged (see ``DIVERGENCE_FACTOR``)."""
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto``: cuda, then mps, then cpu. An unavailable explicit choice raises ValueError."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA GPU is available; use device='auto' or 'cpu'")
+    if name == "mps" and not mps:
+        raise ValueError("device 'mps' requested but Apple MPS is not available; use device='auto' or 'cpu'")
+    return torch.device(name)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA GPUs that support it; a no-op elsewhere."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+PEAK_MEM_KIND = {"cuda": "cuda_max_memory_allocated", "cpu": "process_peak_rss", "mps": "process_peak_rss"}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: ``max_memory_allocated`` since the last reset (MiB). Else the process peak RSS (MiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def warmup_cosine(total: int, warmup_ratio: float):
+    """LambdaLR factor: linear warm-up over ``ceil(ratio·total)`` steps, then cosine decay towards 0."""
+    warm = math.ceil(warmup_ratio * total)
+
+    def factor(i: int) -> float:  # i = optimizer steps taken so far (0 for the first step)
+        if i < warm:
+            return (i + 1) / warm
+        return 0.5 * (1.0 + math.cos(math.pi * (i - warm) / max(1, total - warm)))
+
+    return factor
+
+
+def layer_index(name: str) -> int | None:
+    """Index of the transformer block in a module name (``bert.encoder.layer.3.attention...`` -> 3)."""
+    m = _LAYER_INDEX.search(name)
+    return int(m.group(1)) if m else None
+
+
+def dense_weight(module: nn.Module) -> Tensor:
+    """The ``[out, in]`` weight a module applies: merged for adapters, ``weight`` (transposed for Conv1D)."""
+    if hasattr(module, "effective_weight"):
+        return module.effective_weight()
+    return module.weight.T if type(module).__name__ == "Conv1D" else module.weight
+
+
+def select_analysed(model: nn.Module, module_type: str | None, layers: list[int] | None) -> list[tuple[str, nn.Module]]:
+    """The modules to track: wrapped (else plain linear) modules named ``module_type`` in ``layers``.
+
+    Args:
+        model: the adapted model.
+        module_type: a name suffix (``"query"``, ``"attention.output.dense"``); None = every wrapped layer.
+        layers: block indices to keep (None = all). Modules outside numbered blocks are dropped
+            when any module has a block index (e.g. BERT's pooler).
+
+    Raises:
+        ValueError: nothing matches (the message lists the module names available).
+    """
+    wrapped = [(n, m) for n, m in model.named_modules() if hasattr(m, "effective_weight")]
+    linear = [(n, m) for n, m in model.named_modules()
+              if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
+    linear = [(n, m) for n, m in linear if not any(n.startswith(w + ".") for w, _ in wrapped)]  # not inner bases
+    if module_type is None:
+        found = wrapped
+    else:
+        match = lambda n: n == module_type or n.endswith("." + module_type)  # noqa: E731
+        found = [(n, m) for n, m in wrapped if match(n)] or [(n, m) for n, m in linear if match(n)]
+        if not found:
+            names = sorted({n.rsplit(".", 1)[-1] for n, _ in wrapped + linear})
+            raise ValueError(f"analysis module {module_type!r} not found; modules available: {', '.join(names)}")
+    if any(layer_index(n) is not None for n, _ in found):
+        found = [(n, m) for n, m in found if layer_index(n) is not None]
+    if layers:
+        have = sorted({layer_index(n) for n, _ in found if layer_index(n) is not None})
+        bad = [i for i in layers if i not in have]
+        if bad:
+            raise ValueError(f"analysis layer(s) {bad} do not exist; layers available: {have}")
+        found = [(n, m) for n, m in found if layer_index(n) in set(layers)]
+    return found
+
+
+def _is_oom(err: BaseException) -> bool:
+    text = str(err).lower()
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def describe_error(err: BaseException, step: int | None = None) -> tuple[str, str]:
+    """(one-line message, status) for a failed run."""
+    where = f" at step {step}" if step else ""
+    if isinstance(err, NonFiniteLoss):
+        return str(err), "nan"
+    if _is_oom(err):
+        return (f"out of memory{where}: try a smaller batch size, max_length or rank, or fewer runs side by side",
+                "oom")
+    first = (str(err).strip().splitlines() or [""])[0][:300]
+    if isinstance(err, (ValueError, TypeError, KeyError)):
+        return first or type(err).__name__, "error"
+    return f"{type(err).__name__}{where}: {first}", "error"
+
+
+class RunState:
+    """Model, optimizer and bookkeeping of one (method, rank) run.
+
+    Args:
+        run_id, method, rank: the run.
+        cfg: the comparison's config.
+        pipeline: the shared task pipeline (batches, loss, eval).
+        device: where to train.
+        analysis_module: module type to analyse (None = every wrapped layer).
+
+    Raises:
+        ValueError: the method cannot be applied (bad rank, unknown option, no trainable parameters).
+    """
+
+    def __init__(self, run_id: str, method: str, rank: int, cfg: RunConfig, pipeline: Pipeline,
+                 device: torch.device, analysis_module: str | None):
+        self.run_id, self.method, self.rank, self.cfg = run_id, method, rank, cfg
+        self.pipeline, self.device = pipeline, device
+        self.info = methods.info(method)
+        model = copy.deepcopy(pipeline.pristine())
+        with torch.random.fork_rng(devices=[]):  # same adapter init for every run, whatever ran before
+            torch.manual_seed(cfg.seed)
+            methods.apply(model, method, rank=rank, alpha=cfg.alpha, target_modules=cfg.target_modules,
+                          train_head=True, **cfg.method_options.get(method, {}))
+        self.model = model.to(device).train()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError(f"method {method!r} left no trainable parameters in this model")
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(cfg.steps, cfg.warmup_ratio))
+        self.reg_modules = [m for m in model.modules() if callable(getattr(m, "regularization_loss", None))]
+        self.hook_modules = [m for m in model.modules() if callable(getattr(m, "after_step", None))]
+        self.analysed = (select_analysed(model, analysis_module, cfg.analysis_layers)
+                         if self.info["has_weight"] else [])
+        self.tracker = WeightTracker()
+        self.counts = methods.trainable_summary(model)
+        self.targets = list(getattr(model, "bora_lab_config", {}).get("target_modules", []))
+        self.first_loss: float | None = None
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(cfg.seed)  # every run gets the same dropout stream, in any schedule
+            self._rng = self._get_rng()
+
+    # -- RNG: each run has its own stream, so lockstep and sequential give the same numbers ---------
+    def _get_rng(self) -> tuple[Tensor, Tensor | None]:
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return torch.get_rng_state(), cuda
+
+    def _set_rng(self, state: tuple[Tensor, Tensor | None]) -> None:
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], self.device)
+
+    # -- the three things the trainer asks for -------------------------------------------------------
+    def train_step(self, step: int, batch: dict[str, Tensor]) -> tuple[float, float, float, float]:
+        """One optimizer step. Returns (loss, lr, step seconds, peak memory MiB).
+
+        Raises:
+            NonFiniteLoss: the loss is NaN/inf (nothing is updated).
+        """
+        outer = self._get_rng()
+        self._set_rng(self._rng)
+        try:
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            lr = self.schedule.get_last_lr()[0]
+            t0 = time.perf_counter()
+            batch = to_device(batch, self.device)
+            with autocast(self.device):
+                loss = self.pipeline.loss(self.model, batch)
+                total = loss + sum(m.regularization_loss() for m in self.reg_modules) if self.reg_modules else loss
+            value = float(loss.detach())
+            if self.first_loss is None:
+                self.first_loss = value
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f"loss became {'NaN' if math.isnan(value) else 'infinite'} at step {step} "
+                                    f"(lr={lr:.3g}): try a smaller learning rate")
+            if value > DIVERGENCE_FACTOR * max(1.0, self.first_loss):
+                raise NonFiniteLoss(f"loss diverged to {value:.3g} at step {step} (from {self.first_loss:.3g}; "
+                                    f"lr={lr:.3g}): try a smaller learning rate")
+            total.backward()
+            if self.cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+            self.optimizer.step()
+            self.schedule.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            for m in self.hook_modules:
+                m.after_step(step, self.cfg.steps)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            return value, lr, time.perf_counter() - t0, peak_memory_mb(self.device)
+        finally:
+            self._rng = self._get_rng()
+            self._set_rng(outer)
+
+    def evaluate(self) -> dict[str, float]:
+        """Metrics on the pipeline's fixed eval set (model in eval mode, then back to train)."""
+        self.model.eval()
+        try:
+            with autocast(self.device):
+                return {k: float(v) for k, v in self.pipeline.evaluate(self.model, self.device).items()}
+        finally:
+            self.model.train()
+
+    @torch.no_grad()
+    def snapshot(self, step: int) -> tuple[dict[str, Any], float]:
+        """Tracker snapshot of the analysed modules' merged weights, and its cost in seconds."""
+        t0 = time.perf_counter()
+        snap = self.tracker.snapshot(step, {n: dense_weight(m) for n, m in self.analysed})
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return snap, time.perf_counter() - t0
+
+    @torch.no_grad()
+    def weights(self) -> dict[str, Tensor]:
+        """Merged analysed weights on the CPU (float32), keyed by module name."""
+        return {n: dense_weight(m).detach().float().cpu().clone() for n, m in self.analysed}
+
+    def close(self) -> None:
+        """Free the model and optimizer state."""
+        for attr in ("model", "optimizer", "schedule", "params", "analysed", "tracker", "reg_modules", "hook_modules"):
+            self.__dict__.pop(attr, None)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -1,0 +1,233 @@
+"""The headless trainer: one loop for every method, several runs side by side, events out.
+
+    from bora_lab.config import RunConfig
+    from bora_lab.train.trainer import compare, run
+    for event in compare(RunConfig(methods=["lora", "dora", "bora"])):
+        print(event.kind)
+    results = run(RunConfig(task="synthetic_col", methods=["lora", "bora"]), out_dir="runs/demo")
+
+Guarantees: every run gets the same seed, the same initial model and head (deep copies of one
+pristine model), the same adapter initialisation, the same batches in the same order and its own
+identical dropout RNG stream. Runs advance in lockstep (round-robin, one step each) so all curves
+grow together; when the copies would not fit in memory (or ``cfg.lockstep`` is False) they run one
+after another, which gives the same numbers.
+
+Errors: config problems that concern the whole comparison (unknown task, method, option or
+model, analysis module not found, device unavailable) raise ``ValueError`` with one line before any
+training. Per-run problems (a rank too large, NaN loss, out of memory) yield ``RunError`` for that
+run and the other runs go on. Cancellation (``cancel.set()``) is checked between steps.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .. import methods
+from ..config import RunConfig
+from .events import (Analysis, Cancelled, ComparisonDone, Eval, Event, Progress, RunError, RunFinished, RunStarted,
+                     Step)
+from .pipeline import Pipeline, make_pipeline
+from .results import ResultsAccumulator, save_results, summarize
+from .runstate import PEAK_MEM_KIND, NonFiniteLoss, RunState, describe_error, pick_device, select_analysed
+from .tasks import load_task
+
+_TICK = object()  # a run generator yields this after each optimizer step
+
+
+@dataclass
+class _Context:
+    cfg: RunConfig
+    pipeline: Pipeline
+    device: torch.device
+    acc: ResultsAccumulator
+    task_info: dict[str, Any]
+    analysis_module: str | None
+    lockstep: bool
+    total_steps: int
+    done_steps: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+    states: dict[str, RunState] = field(default_factory=dict)
+    weights: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check what can be checked without loading anything (methods and their options).
+
+    Raises:
+        ValueError: one line naming the problem.
+    """
+    for m in cfg.methods:
+        methods.registry.get(m)  # unknown method -> ValueError listing the valid names
+    for m in cfg.methods:
+        opts = dict(cfg.method_options.get(m, {}))
+        methods.registry.make_config(m, rank=cfg.ranks[0], alpha=cfg.alpha, **opts)
+    if len(set(cfg.run_ids())) != len(cfg.run_ids()):
+        raise ValueError(f"duplicate runs in methods {cfg.methods} x ranks {cfg.ranks}")
+
+
+def _fits_side_by_side(model: torch.nn.Module, n_runs: int, device: torch.device) -> bool:
+    """Whether ``n_runs`` copies of ``model`` (plus optimizer state and activations) fit in memory."""
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    need = 1.5 * size * (n_runs + 1)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return need < 0.7 * free
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    except (OSError, StopIteration, ValueError):
+        return True
+    return need < 0.7 * avail
+
+
+def _analysis_module(cfg: RunConfig, pipeline: Pipeline) -> str | None:
+    """The module type to analyse: the user's, else the model's attention query (None = all layers).
+
+    Raises:
+        ValueError: the chosen module or layers do not exist in the model.
+    """
+    module = cfg.analysis_module or pipeline.default_analysis_module()
+    if cfg.analysis_module or cfg.analysis_layers:
+        select_analysed(pipeline.pristine(), module, cfg.analysis_layers)  # fail before training
+    return module
+
+
+def compare(cfg: RunConfig, cancel: threading.Event | None = None) -> Iterator[Event]:
+    """Train every (method, rank) run of ``cfg`` side by side and yield events.
+
+    Yields, per run: ``RunStarted`` (or ``RunError`` if the method cannot be applied), ``Step``
+    after every optimizer step, ``Analysis`` at step 0, every ``analyze_every`` steps and at the
+    end (layer-level methods only), ``Eval`` every ``eval_every`` steps and at the end, and
+    ``RunFinished`` with the run's summary; a ``Progress`` after every step of every run; finally
+    ``ComparisonDone`` whose ``results`` are what ``results.json`` holds. On cancel: each unfinished
+    run's ``RunFinished`` (status "cancelled"), then ``Cancelled``, then ``ComparisonDone``.
+
+    Args:
+        cfg: the comparison.
+        cancel: set it (from any thread) to stop between steps, keeping everything computed so far.
+
+    Raises:
+        ValueError: a problem with the whole comparison (see the module docstring).
+    """
+    validate(cfg)
+    device = pick_device(cfg.device)
+    task = load_task(cfg)
+    pipeline = make_pipeline(cfg, task)
+    analysis_module = _analysis_module(cfg, pipeline)
+    specs = [(f"{m}-r{r}", m, r) for m in cfg.methods for r in cfg.ranks]
+    lockstep = cfg.lockstep and _fits_side_by_side(pipeline.pristine(), len(specs), device)
+    ctx = _Context(cfg, pipeline, device, ResultsAccumulator(cfg), pipeline.info(), analysis_module, lockstep,
+                   total_steps=len(specs) * cfg.steps)
+    ctx.acc.results["task"] = ctx.task_info
+    ctx.acc.results["device"] = str(device)
+    ctx.acc.results["peak_mem_kind"] = PEAK_MEM_KIND.get(device.type, "process_peak_rss")
+    ctx.acc.results["lockstep"] = lockstep
+    alive = {rid: _drive(ctx, rid, m, r) for rid, m, r in specs}
+
+    def emit(ev: Event) -> Event:
+        ctx.acc.update(ev)
+        return ev
+
+    while alive:
+        for rid in list(alive) if lockstep else [next(iter(alive))]:
+            if cancel is not None and cancel.is_set():
+                yield from (emit(ev) for ev in _cancel(ctx, alive))
+                return
+            for ev in alive[rid]:  # advance this run by one step
+                if ev is _TICK:
+                    ctx.done_steps += 1
+                    elapsed = time.perf_counter() - ctx.t0
+                    eta = elapsed / ctx.done_steps * max(0, ctx.total_steps - ctx.done_steps)
+                    yield emit(Progress(ctx.done_steps, ctx.total_steps, elapsed, eta))
+                    break
+                yield emit(ev)
+            else:  # the run's generator is exhausted
+                del alive[rid]
+    ctx.acc.results["elapsed_s"] = time.perf_counter() - ctx.t0
+    yield emit(ComparisonDone(ctx.acc.finish("done"), weights=ctx.weights))
+
+
+def _cancel(ctx: _Context, alive: dict[str, Iterator]) -> Iterator[Event]:
+    for rid, gen in alive.items():
+        state = ctx.states.get(rid)
+        if ctx.cfg.export_weights and state is not None:
+            ctx.weights.setdefault(rid, {})["end"] = state.weights()
+        gen.close()  # runs the generator's cleanup (frees the model)
+        yield RunFinished(rid, summarize(ctx.acc.run(rid), ctx.task_info, status="cancelled"))
+    yield Cancelled("cancelled by the user; results so far are kept")
+    ctx.acc.results["elapsed_s"] = time.perf_counter() - ctx.t0
+    yield ComparisonDone(ctx.acc.finish("cancelled"), weights=ctx.weights)
+
+
+def _drive(ctx: _Context, run_id: str, method: str, rank: int) -> Iterator[Any]:
+    """One run as a generator of events, pausing (``_TICK``) after every optimizer step."""
+    cfg, step = ctx.cfg, 0
+    try:
+        state = RunState(run_id, method, rank, cfg, ctx.pipeline, ctx.device, ctx.analysis_module)
+    except Exception as err:  # noqa: BLE001 - a bad rank/option fails this run only
+        message, status = describe_error(err)
+        ctx.total_steps -= cfg.steps
+        yield RunError(run_id, message, status=status)
+        yield RunFinished(run_id, summarize(ctx.acc.run(run_id), ctx.task_info, status=status))
+        return
+    ctx.states[run_id] = state
+    try:
+        info = {"task": ctx.task_info, "trainable_pct": state.counts["percent"], "lockstep": ctx.lockstep,
+                "magnitude_axis": state.info["magnitude_axis"], "target_modules": state.targets,
+                "peak_mem_kind": PEAK_MEM_KIND.get(ctx.device.type, "process_peak_rss")}
+        yield RunStarted(run_id, method, rank, state.counts["trainable"], state.counts["total"], str(ctx.device),
+                         [n for n, _ in state.analysed], info=info)
+        if state.analysed:
+            snap, cost = state.snapshot(0)
+            yield Analysis(run_id, 0, snap, cost_s=cost)
+            if cfg.export_weights:
+                ctx.weights[run_id] = {"start": state.weights()}
+        for step, batch in enumerate(ctx.pipeline.train_batches, start=1):
+            loss, lr, step_s, peak = state.train_step(step, batch)
+            yield Step(run_id, step, loss, lr, step_s, peak)
+            last = step == cfg.steps
+            if state.analysed and (step % cfg.analyze_every == 0 or last):
+                snap, cost = state.snapshot(step)
+                yield Analysis(run_id, step, snap, cost_s=cost)
+            if step % cfg.eval_every == 0 or last:
+                yield Eval(run_id, step, state.evaluate())
+            yield _TICK
+        if cfg.export_weights and state.analysed:
+            ctx.weights.setdefault(run_id, {})["end"] = state.weights()
+        yield RunFinished(run_id, summarize(ctx.acc.run(run_id), ctx.task_info, status="done"))
+    except Exception as err:  # noqa: BLE001 - NaN, OOM or a method bug stops this run only
+        message, status = describe_error(err, step=None if isinstance(err, NonFiniteLoss) else step)
+        ctx.total_steps -= cfg.steps - max(step - 1, 0)  # this step's tick never came
+        yield RunError(run_id, message, status=status)
+        yield RunFinished(run_id, summarize(ctx.acc.run(run_id), ctx.task_info, status=status))
+    finally:
+        ctx.states.pop(run_id, None)
+        state.close()
+
+
+def run(cfg: RunConfig, cancel: threading.Event | None = None, on_event: Callable[[Event], None] | None = None,
+        out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Run :func:`compare` to the end and return the results dict (what ``results.json`` holds).
+
+    Args:
+        cfg: the comparison.
+        cancel: optional cancel flag (see :func:`compare`).
+        on_event: called with every event (e.g. to print progress).
+        out_dir: if given, :func:`save_results` writes results.json, steps.csv, config.json,
+            figures.html and (with ``cfg.export_weights``) the weights there.
+    """
+    results: dict[str, Any] = {}
+    weights: dict[str, Any] = {}
+    for ev in compare(cfg, cancel):
+        if on_event is not None:
+            on_event(ev)
+        if isinstance(ev, ComparisonDone):
+            results, weights = ev.results, ev.weights
+    if out_dir is not None:
+        save_results(results, out_dir, weights=weights)
+    return results

@@ -1,0 +1,330 @@
+"""Widgets <-> ``RunConfig``, and trainer events -> figure and table updates.
+
+Every widget of the Compare tab is keyed by a ``RunConfig`` field name (``"steps"``, ``"ranks"``),
+or by ``"<method>.<option>"`` for an option of a method's config dataclass (``"dora.detach_norm"``).
+Types come from the dataclasses themselves, so a new ``RunConfig`` field or a new method option needs
+no parsing code here. No torch import: the trainer is reached only through ``bora_lab.ui.live``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any
+
+from bora_lab.config import RunConfig
+from bora_lab.methods import registry
+
+OPTION_SEP = "."
+SHARED_OPTIONS = ("rank", "alpha")  # every method has them; the UI has its own widgets for both
+RUN_FIELDS: list[str] = [f.name for f in dataclasses.fields(RunConfig) if f.name != "method_options"]
+_FIELD_TYPES: dict[str, str] = {f.name: str(f.type) for f in dataclasses.fields(RunConfig)}
+LIST_WIDGETS = ("methods", "ranks")  # multi-select widgets; other list fields are comma-separated text
+_NAMES = {"lr": "learning rate", "alpha": "alpha (LoRA scaling)", "num_layers": "layers kept"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry, as the widgets show it
+# ---------------------------------------------------------------------------------------------
+def method_label(name: str) -> str:
+    """One line for the methods checkbox: name, description and the axis its magnitude lives on."""
+    info = registry.info(name)
+    axis = info["magnitude_axis"]
+    axis = "no magnitude vector" if axis == "none" else f"magnitude: {axis}"
+    return f"{name}: {info['description']} [{axis}]"
+
+
+def method_choices() -> list[tuple[str, str]]:
+    """``(label, name)`` pairs for every registered method, in registration order."""
+    return [(method_label(m), m) for m in registry.available()]
+
+
+def option_specs() -> list[dict[str, Any]]:
+    """One dict per method-specific option (rank and alpha excluded), drawn from the registry.
+
+    Each dict holds ``key`` (``"dora.detach_norm"``), ``method``, ``name``, ``type`` (``"bool"``,
+    ``"int"``, ``"float"``, ``"str"`` or another type string), ``default`` and the field metadata
+    (``help``, ``min``, ``max``, ``choices``).
+    """
+    specs = []
+    for method in registry.available():
+        for f in registry.config_fields(method):
+            if f["name"] in SHARED_OPTIONS:
+                continue
+            specs.append({**f, "key": f"{method}{OPTION_SEP}{f['name']}", "method": method})
+    return specs
+
+
+def input_keys() -> list[str]:
+    """The order in which the layout passes widget values to ``config_from_ui``."""
+    return RUN_FIELDS + [s["key"] for s in option_specs()]
+
+
+# ---------------------------------------------------------------------------------------------
+# RunConfig -> widget values -> RunConfig
+# ---------------------------------------------------------------------------------------------
+def _to_widget(value: Any, name: str) -> Any:
+    type_str = _FIELD_TYPES[name]
+    if value is None:
+        return 0 if type_str == "int | None" else ""
+    if name in LIST_WIDGETS:
+        return [str(v) for v in value]  # dropdown/checkbox choices are strings
+    if type_str.startswith("list["):
+        return ", ".join(str(v) for v in value)
+    return value
+
+
+def ui_values(cfg: RunConfig | None = None) -> dict[str, Any]:
+    """Widget values that show ``cfg`` (default ``RunConfig()``), keyed as ``input_keys()``."""
+    cfg = cfg or RunConfig()
+    values = {name: _to_widget(getattr(cfg, name), name) for name in RUN_FIELDS}
+    for spec in option_specs():
+        chosen = cfg.method_options.get(spec["method"], {})
+        values[spec["key"]] = chosen.get(spec["name"], spec["default"])
+    return values
+
+
+def _pretty(name: str) -> str:
+    return _NAMES.get(name, name).replace(OPTION_SEP, " option ").replace("_", " ")
+
+
+def _number(value: Any, name: str, integer: bool) -> int | float:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise ValueError(f"{_pretty(name).capitalize()} is empty; enter a number.")
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{_pretty(name).capitalize()} must be a number, got {value!r}.") from None
+    if not math.isfinite(x):
+        raise ValueError(f"{_pretty(name).capitalize()} must be a finite number, got {value!r}.")
+    if integer:
+        if x != int(x):
+            raise ValueError(f"{_pretty(name).capitalize()} must be a whole number, got {value!r}.")
+        return int(x)
+    return x
+
+
+def _int_list(value: Any, name: str) -> list[int]:
+    """``["4", "8"]``, ``"4, 8"``, ``"0-3"`` or ``[4, 8]`` -> unique ints in the order given."""
+    items = value if isinstance(value, (list, tuple)) else re.split(r"[,\s]+", str(value or "").strip())
+    out: list[int] = []
+    for item in (str(i).strip() for i in items):
+        if not item:
+            continue
+        span = re.fullmatch(r"(\d+)\s*-\s*(\d+)", item)
+        if span:
+            lo, hi = int(span.group(1)), int(span.group(2))
+            out.extend(range(min(lo, hi), max(lo, hi) + 1))
+        elif re.fullmatch(r"\d+", item):
+            out.append(int(item))
+        else:
+            raise ValueError(f"{_pretty(name).capitalize()}: {item!r} is not a whole number.")
+    return list(dict.fromkeys(out))
+
+
+def _names(value: Any) -> list[str]:
+    items = value if isinstance(value, (list, tuple)) else re.split(r"[,\s]+", str(value or ""))
+    return [str(i).strip() for i in items if str(i).strip()]
+
+
+def _coerce(value: Any, type_str: str, name: str) -> Any:
+    """Parse one widget value into the field's declared type (types come as strings)."""
+    optional = type_str.endswith("| None")
+    base = type_str.removesuffix("| None").strip()
+    if base == "bool":
+        return bool(value)
+    if base in ("int", "float"):
+        if optional and (value is None or value == "" or (base == "int" and value == 0)):
+            return None  # 0 / empty = "not set" (e.g. num_layers 0 keeps every layer)
+        return _number(value, name, integer=base == "int")
+    if base == "list[int]":
+        ints = _int_list(value, name)
+        return None if optional and not ints else ints
+    if base.startswith("list["):
+        names = _names(value)
+        return None if optional and not names else names
+    text = "" if value is None else str(value).strip()
+    return None if optional and not text else text
+
+
+def _method_options(methods: list[str], values: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Options of the selected methods that differ from their defaults, checked against min/max."""
+    out: dict[str, dict[str, Any]] = {}
+    for spec in option_specs():
+        if spec["method"] not in methods or spec["key"] not in values:
+            continue
+        value = _coerce(values[spec["key"]], spec["type"], spec["key"])
+        if spec.get("choices") and value not in spec["choices"]:
+            raise ValueError(f"{spec['key']} must be one of {', '.join(map(str, spec['choices']))}.")
+        if "min" in spec and value is not None and value < spec["min"]:
+            raise ValueError(f"{spec['key']} must be >= {spec['min']}, got {value}.")
+        if "max" in spec and value is not None and value > spec["max"]:
+            raise ValueError(f"{spec['key']} must be <= {spec['max']}, got {value}.")
+        if value != spec["default"]:
+            out.setdefault(spec["method"], {})[spec["name"]] = value
+    return out
+
+
+def config_from_ui(**values: Any) -> RunConfig:
+    """Build the ``RunConfig`` the widgets describe; missing keys keep ``RunConfig``'s defaults.
+
+    Args:
+        **values: widget values keyed as ``input_keys()``.
+
+    Returns:
+        The checked ``RunConfig``.
+
+    Raises:
+        ValueError: one specific sentence for people (no method selected, a rank that is not a
+            whole number, an empty model...).
+    """
+    kwargs: dict[str, Any] = {}
+    for name in RUN_FIELDS:
+        if name in values:
+            kwargs[name] = _coerce(values[name], _FIELD_TYPES[name], name)
+    methods = kwargs.get("methods", RunConfig().methods)
+    if not methods:
+        raise ValueError("Select at least one method to compare.")
+    unknown = [m for m in methods if m not in registry.METHODS]
+    if unknown:
+        raise ValueError(f"Unknown method {unknown[0]!r}; choose from: {', '.join(registry.available())}.")
+    if "ranks" in kwargs and not kwargs["ranks"]:
+        raise ValueError("Enter at least one rank (a whole number such as 8).")
+    if 0 in kwargs.get("ranks", []):
+        raise ValueError("Ranks must be at least 1.")
+    if "model" in kwargs and not kwargs["model"]:
+        raise ValueError("Enter a model: 'minilm' works offline, or a Hugging Face id when online.")
+    if "task" in kwargs and not kwargs["task"]:
+        raise ValueError("Choose a task: 'fine_foods' works offline.")
+    kwargs["method_options"] = _method_options(methods, values)
+    try:
+        return RunConfig(**kwargs)
+    except ValueError as err:
+        msg = str(err)
+        raise ValueError(msg[:1].upper() + msg[1:] + ("" if msg.endswith(".") else ".")) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer events -> updates
+# ---------------------------------------------------------------------------------------------
+PLOTS = ("loss", "metric", "md", "scatter", "table")  # outputs drawn from the results dict
+MD_VIEWS = {"from the start (t vs 0)": "from_start", "step to step (t vs t-1)": "step_to_step"}
+# Which outputs an event makes stale (event ``kind`` -> plot names).
+_STALE: dict[str, set[str]] = {
+    "run_started": {"table"},
+    "step": {"loss", "table"},
+    "eval": {"metric", "table"},
+    "analysis": {"md", "scatter", "table"},
+    "run_finished": set(PLOTS),
+    "error": {"table"},
+    "comparison_done": set(PLOTS),
+}
+
+
+def stale_plots(events) -> set[str]:
+    """The plot outputs that ``events`` change (progress and cancel events change none)."""
+    out: set[str] = set()
+    for ev in events:
+        out |= _STALE.get(ev.kind, set())
+    return out
+
+
+def table_frame(results: dict[str, Any]):
+    """The results table as a ``pandas.DataFrame`` (one row per run; empty before any run)."""
+    import pandas as pd
+
+    from bora_lab.plots import figures
+
+    return pd.DataFrame(figures.results_table(results))
+
+
+def render_plots(results: dict[str, Any], names, md_view: str = "from_start") -> dict[str, Any]:
+    """Build the figures/table named in ``names`` from a results dict (same structure as results.json).
+
+    Args:
+        results: the accumulated results (``ResultsAccumulator``) or a loaded ``results.json``.
+        names: subset of :data:`PLOTS` to build.
+        md_view: ``"from_start"`` or ``"step_to_step"`` for the magnitude/direction small multiples.
+
+    Returns:
+        ``{name: plotly Figure or DataFrame}`` for each requested name.
+    """
+    from bora_lab.plots import figures
+
+    builders = {
+        "loss": lambda: figures.loss_figure(results),
+        "metric": lambda: figures.metric_figure(results),
+        "md": lambda: figures.md_figure(results, view=md_view),
+        "scatter": lambda: figures.dora_scatter_figure(results),
+        "table": lambda: table_frame(results),
+    }
+    return {name: builders[name]() for name in PLOTS if name in names}
+
+
+def fmt_duration(seconds: float | None) -> str:
+    """``75.2 -> "1:15"``, ``3725 -> "1:02:05"``; ``"?"`` when unknown."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    s = int(round(seconds))
+    h, m, s = s // 3600, s // 60 % 60, s % 60
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def progress_html(done: int, total: int, elapsed_s: float = 0.0, eta_s: float | None = None,
+                  state: str = "running") -> str:
+    """A progress bar with steps, elapsed time and ETA (``state``: running, done, stopped, error)."""
+    frac = 0.0 if total <= 0 else min(1.0, max(0.0, done / total))
+    label = {"running": f"about {fmt_duration(eta_s)} left", "done": "finished",
+             "stopped": "stopped", "error": "stopped by an error", "idle": "ready"}.get(state, state)
+    return (
+        f'<div class="bl-progress" data-state="{state}" role="progressbar" aria-valuenow="{done}" '
+        f'aria-valuemax="{total}"><div class="bl-progress-bar" style="width:{100 * frac:.1f}%"></div></div>'
+        f'<div class="bl-progress-text">{done} / {total} steps ({100 * frac:.0f}%) · '
+        f"{fmt_duration(elapsed_s)} elapsed · {label}</div>"
+    )
+
+
+def error_message(err: BaseException, device: str = "") -> str:
+    """One line for people from any exception the trainer raises (never a traceback)."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if type(err).__name__ == "OutOfMemoryError" or "out of memory" in text.lower():
+        where = f" on {device}" if device else ""
+        return (f"Out of memory{where}: try a smaller batch size, a smaller rank, fewer layers "
+                "(advanced settings) or fewer methods at once.")
+    if isinstance(err, (ValueError, KeyError, FileNotFoundError, LookupError, TypeError)):
+        return text[:400]
+    return f"{type(err).__name__}: {text}"[:400]
+
+
+def field_type(name: str) -> str:
+    """The declared type of a ``RunConfig`` field, as a string (``"int | None"``)."""
+    return _FIELD_TYPES[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks suggest settings (the synthetic tasks use a toy model and a larger learning rate)
+# ---------------------------------------------------------------------------------------------
+def task_choices() -> list[tuple[str, str]]:
+    """``(label, name)`` for every registered task, offline ones first."""
+    from bora_lab.train.tasks import TASKS
+
+    specs = sorted(TASKS.values(), key=lambda s: s.online)
+    return [(f"{s.name}: {s.description}", s.name) for s in specs]
+
+
+def task_default_keys() -> list[str]:
+    """Every ``RunConfig`` field that some task suggests a value for (the task dropdown's outputs)."""
+    from bora_lab.train.tasks import TASKS
+
+    keys = {k for spec in TASKS.values() for k in spec.defaults}
+    return [k for k in RUN_FIELDS if k in keys]
+
+
+def task_values(task: str, base: RunConfig | None = None) -> dict[str, Any]:
+    """Widget values for :func:`task_default_keys` when ``task`` is picked: the task's suggestions,
+    and ``base``'s values (default ``RunConfig()``) for what it does not suggest."""
+    from bora_lab.train.tasks import task_defaults
+
+    cfg = base or RunConfig()
+    suggested = task_defaults(task) if task else {}
+    return {k: _to_widget(suggested.get(k, getattr(cfg, k)), k) for k in task_default_keys()}

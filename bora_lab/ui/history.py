@@ -1,0 +1,183 @@
+"""The History tab: saved runs (the app's and the CLI's), reopened, overlaid and downloaded.
+
+Every comparison is saved under ``$BORA_LAB_RUNS`` (default ``./runs``) in the CLI's format. A
+visitor sees the runs of their own session; "every saved run" (CLI runs, other sessions) is on by
+default on a personal machine and off on a Hugging Face Space (``SPACE_ID`` set), unless
+``$BORA_LAB_SHARED_HISTORY`` is ``1`` or ``0``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from . import handlers, live
+
+RESULTS_FILE = "results.json"
+DOWNLOAD_SUFFIXES = (".json", ".csv", ".html")
+
+
+def shared_history_default() -> bool:
+    """Whether the tab lists every saved run by default (see the module docstring)."""
+    flag = os.environ.get("BORA_LAB_SHARED_HISTORY")
+    if flag is not None:
+        return flag.strip().lower() in ("1", "true", "yes")
+    return "SPACE_ID" not in os.environ
+
+
+def _load(folder: Path) -> dict[str, Any]:
+    from bora_lab.train.results import load_results
+
+    return load_results(folder)
+
+
+def run_folders(session: live.Session, show_all: bool, root: Path | None = None) -> list[Path]:
+    """The run folders this visitor may open, newest first."""
+    root = root or live.runs_dir()
+    if show_all and root.is_dir():
+        found = [p.parent for p in root.glob(f"*/{RESULTS_FILE}")]
+    else:
+        found = [p for p in session.run_dirs if (p / RESULTS_FILE).is_file()]
+    return sorted(set(found), key=lambda p: (p / RESULTS_FILE).stat().st_mtime, reverse=True)
+
+
+def describe(folder: Path) -> dict[str, Any]:
+    """One row of the run list: folder, date, model, task, runs, steps and state."""
+    row: dict[str, Any] = {"run folder": folder.name,
+                           "saved": time.strftime("%Y-%m-%d %H:%M", time.localtime((folder / RESULTS_FILE).stat().st_mtime))}
+    try:
+        results = json.loads((folder / RESULTS_FILE).read_text())
+    except (OSError, ValueError) as err:
+        return {**row, "state": f"unreadable: {handlers.error_message(err)}"}
+    cfg = results.get("config", {})
+    row.update({
+        "model": cfg.get("model", "?"),
+        "task": cfg.get("task", "?"),
+        "runs": ", ".join(run.get("run_id", "?") for run in results.get("runs", [])),
+        "steps": cfg.get("steps", "?"),
+        "state": results.get("status", "?"),
+    })
+    return row
+
+
+def list_runs(session: live.Session, show_all: bool):
+    """Refresh the run list and the choices of the "runs to open" dropdown."""
+    import pandas as pd
+
+    folders = run_folders(session, show_all)
+    frame = pd.DataFrame([describe(f) for f in folders])
+    choices = [f.name for f in folders]
+    return frame, gr.update(choices=choices, value=[c for c in choices[:1]])
+
+
+def merge_results(results: list[dict[str, Any]], labels: list[str]) -> dict[str, Any]:
+    """Overlay several comparisons in one results dict; run ids get `` (<label>)`` appended."""
+    if len(results) == 1:
+        return results[0]
+    merged = copy.deepcopy(results[0])
+    merged["runs"] = [{**run, "run_id": f"{run['run_id']} ({label})"} for res, label in zip(results, labels)
+                      for run in copy.deepcopy(res.get("runs", []))]
+    merged["overlay_of"] = list(labels)
+    return merged
+
+
+def _bundle(results: dict[str, Any], with_json: bool) -> list[Path]:
+    """Write the standalone HTML plots (and results.json + CSV when ``with_json``) to a temp folder."""
+    from bora_lab.plots import all_figures, save_html
+    from bora_lab.train.results import save_results
+
+    out = Path(tempfile.mkdtemp(prefix="bora_lab_download_"))
+    if with_json:
+        save_results(results, out)
+    else:
+        save_html(all_figures(results), out)
+    return [p for p in out.iterdir() if p.suffix in DOWNLOAD_SUFFIXES]
+
+
+def downloads(folders: list[Path], results: dict[str, Any]) -> list[str]:
+    """Files to download: a run's own files (HTML plots added if missing), or a bundle for an overlay."""
+    if len(folders) == 1:
+        files = [p for p in folders[0].iterdir() if p.suffix in DOWNLOAD_SUFFIXES]
+        if not any(p.suffix == ".html" for p in files):
+            files += _bundle(results, with_json=False)
+    else:
+        files = _bundle(results, with_json=True)
+    return sorted(str(p) for p in files)
+
+
+def open_runs(session: live.Session, show_all: bool, names: list[str], view_label: str):
+    """Open one saved run, or overlay several; returns status, plots, table and download files."""
+    if not names:
+        raise gr.Error("Pick at least one saved run to open.", print_exception=False)
+    allowed = {f.name: f for f in run_folders(session, show_all)}
+    folders = [allowed[n] for n in names if n in allowed]
+    if len(folders) != len(names):
+        raise gr.Error("That run is not in your list any more; press Refresh.", print_exception=False)
+    try:
+        results = merge_results([_load(f) for f in folders], [f.name for f in folders])
+    except Exception as err:
+        raise gr.Error(f"Could not open the run: {handlers.error_message(err)}", print_exception=False) from None
+    session.history_results = results
+    plots = handlers.render_plots(results, handlers.PLOTS, handlers.MD_VIEWS.get(view_label, view_label))
+    status = f"Showing {', '.join(f'`{n}`' for n in names)}."
+    return (status, *(plots[n] for n in handlers.PLOTS), downloads(folders, results))
+
+
+def open_upload(session: live.Session, path: str | None, view_label: str):
+    """Open a ``results.json`` uploaded from disk (a CLI run made elsewhere)."""
+    if not path:
+        return tuple(gr.skip() for _ in range(len(handlers.PLOTS) + 2))
+    try:
+        results = _load(Path(path))
+    except Exception as err:
+        raise gr.Error(f"Not a BoRA Lab results.json: {handlers.error_message(err)}", print_exception=False) from None
+    session.history_results = results
+    plots = handlers.render_plots(results, handlers.PLOTS, handlers.MD_VIEWS.get(view_label, view_label))
+    return (f"Showing the uploaded `{Path(path).name}`.", *(plots[n] for n in handlers.PLOTS), gr.skip())
+
+
+def change_view(session: live.Session, view_label: str):
+    results = getattr(session, "history_results", None)
+    if results is None:
+        return gr.skip()
+    return handlers.render_plots(results, ("md",), handlers.MD_VIEWS.get(view_label, view_label))["md"]
+
+
+def build_tab(session: gr.State) -> tuple[list, list]:
+    """Build the History tab's components and wiring.
+
+    Returns:
+        ``(inputs, outputs)`` of :func:`list_runs`, for the layout to refresh the list when the tab opens.
+    """
+    with gr.Row():
+        show_all = gr.Checkbox(shared_history_default(), label="Show every saved run (CLI runs, other sessions)")
+        refresh = gr.Button("Refresh", size="sm", scale=0, elem_id="bl-history-refresh")
+    listing = gr.Dataframe(label="Saved runs (newest first)", interactive=False, elem_id="bl-history-list")
+    with gr.Row():
+        chosen = gr.Dropdown([], multiselect=True, label="Runs to open", info="pick several to overlay them",
+                             elem_id="bl-history-pick", scale=3)
+        open_btn = gr.Button("Open", variant="primary", scale=1, elem_id="bl-history-open")
+        upload = gr.File(label="…or open a results.json", file_types=[".json"], scale=2, height=90)
+    status = gr.Markdown()
+    with gr.Row(equal_height=True):
+        loss = gr.Plot(label="Training loss")
+        metric = gr.Plot(label="Evaluation metric")
+    view = gr.Radio(list(handlers.MD_VIEWS), value=list(handlers.MD_VIEWS)[0], label="ΔM / ΔD view")
+    md = gr.Plot(label="Magnitude and direction changes")
+    scatter = gr.Plot(label="DoRA figure 2: ΔM vs ΔD per layer and checkpoint")
+    table = gr.Dataframe(label="Results", interactive=False, wrap=True)
+    files = gr.File(label="Downloads (results.json, CSV, standalone HTML plots)", file_count="multiple",
+                    interactive=False)
+    shown = [status, loss, metric, md, scatter, table]
+    for trigger in (refresh.click, show_all.change):
+        trigger(list_runs, [session, show_all], [listing, chosen], concurrency_limit=None)
+    open_btn.click(open_runs, [session, show_all, chosen, view], shown + [files], concurrency_limit=None)
+    upload.upload(open_upload, [session, upload, view], shown + [files], concurrency_limit=None)
+    view.change(change_view, [session, view], md, concurrency_limit=None, show_progress="hidden")
+    return [session, show_all], [listing, chosen]

@@ -1,0 +1,316 @@
+"""The headless trainer: event stream, fairness, determinism, cancellation, failures, results files."""
+from __future__ import annotations
+
+import csv
+import json
+import threading
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from bora_lab import methods
+from bora_lab.config import RunConfig
+from bora_lab.methods import METHODS, registry
+from bora_lab.methods.base import AdapterConfig
+from bora_lab.methods.lora import LoRALinear
+from bora_lab.train.results import ResultsAccumulator, load_results, save_results
+from bora_lab.train.trainer import compare, run
+
+QUERY = [f"bert.encoder.layer.{i}.attention.self.query" for i in range(2)]
+
+
+def tiny(**kw) -> RunConfig:
+    """MiniLM cut to 2 layers, a few steps of 4 short examples: seconds on 2 CPU cores."""
+    base = dict(methods=["lora", "dora", "bora"], ranks=[4], num_layers=2, steps=4, batch_size=4, max_length=32,
+                eval_samples=16, eval_every=2, analyze_every=2)
+    return RunConfig(**{**base, **kw})
+
+
+def synthetic(**kw) -> RunConfig:
+    base = dict(task="synthetic_col", methods=["lora", "bora"], ranks=[4], steps=20, batch_size=32, lr=0.01,
+                eval_every=10, analyze_every=5, warmup_ratio=0.0)
+    return RunConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def tiny_events():
+    torch.manual_seed(0)
+    return list(compare(tiny()))
+
+
+def _by(events, kind, run_id=None):
+    return [e for e in events if e.kind == kind and (run_id is None or e.run_id == run_id)]
+
+
+def _numbers(results):
+    """Everything numeric a run produced except wall-clock times and memory."""
+    return {r["run_id"]: ([(h["step"], h["loss"], h["lr"]) for h in r["history"]],
+                          [(e["step"], e["metrics"]) for e in r["eval"]],
+                          [(a["step"], a["from_start"], a["step_to_step"]) for a in r["analysis"]])
+            for r in results["runs"]}
+
+
+# ---------------------------------------------------------------- event stream
+def test_event_stream(tiny_events):
+    assert tiny_events[-1].kind == "comparison_done"
+    for rid in ("lora-r4", "dora-r4", "bora-r4"):
+        evs = [e for e in tiny_events if getattr(e, "run_id", None) == rid]
+        assert evs[0].kind == "run_started" and evs[-1].kind == "run_finished"
+        assert evs[0].analysed_modules == QUERY  # default: the attention query of every layer
+        assert [e.step for e in _by(evs, "step")] == [1, 2, 3, 4]
+        assert [e.step for e in _by(evs, "analysis")] == [0, 2, 4]
+        assert [e.step for e in _by(evs, "eval")] == [2, 4]
+        assert set(_by(evs, "eval")[0].metrics) == {"accuracy", "f1", "loss"}
+        assert evs[-1].summary["status"] == "done"
+    progress = _by(tiny_events, "progress")
+    assert [p.done_steps for p in progress] == list(range(1, 13)) and progress[-1].total_steps == 12
+
+
+def test_lockstep_order(tiny_events):
+    steps = [(e.run_id, e.step) for e in _by(tiny_events, "step")]
+    assert steps[:6] == [("lora-r4", 1), ("dora-r4", 1), ("bora-r4", 1), ("lora-r4", 2), ("dora-r4", 2),
+                         ("bora-r4", 2)]
+
+
+def test_same_start_for_every_run(tiny_events):
+    """Same head, same batch, identity at init: the first loss is the same for every method."""
+    first = [e.loss for e in _by(tiny_events, "step") if e.step == 1]
+    assert len(first) == 3 and max(first) - min(first) < 1e-5
+
+
+def test_summary_fields(tiny_events):
+    summary = _by(tiny_events, "run_finished", "dora-r4")[0].summary
+    for key in ("trainable_params", "total_params", "final_loss", "eval_metric", "median_step_s", "peak_mem_mb",
+                "dM_row", "dM_col", "dD_row", "dD_col", "asymmetry_ratio", "analysis_overhead_pct"):
+        assert summary[key] is not None, key
+    assert summary["metric"] == "accuracy" and summary["steps_done"] == 4
+    # DoRA's magnitude is per output feature: its row norms move more than its column norms.
+    assert summary["asymmetry_ratio"] > 1.5
+
+
+# ---------------------------------------------------------------- results dict and files
+def test_accumulator_rebuilds_the_results(tiny_events):
+    done = tiny_events[-1].results
+    acc = ResultsAccumulator(tiny())
+    for ev in tiny_events[:-1]:
+        acc.update(ev.to_dict() if ev.kind == "step" else ev)  # events or their dicts
+    assert [r["run_id"] for r in acc.results["runs"]] == [r["run_id"] for r in done["runs"]]
+    assert _numbers(acc.results) == _numbers(done)
+    assert acc.results["task"]["name"] == "fine_foods" and acc.results["lockstep"] is True
+
+
+def test_results_schema_and_files(tiny_events, tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    from bora_lab.train.schema import RESULTS_SCHEMA
+
+    results = tiny_events[-1].results
+    save_results(results, tmp_path, html=False)
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    jsonschema.validate(on_disk, RESULTS_SCHEMA)
+    run0 = on_disk["runs"][0]
+    for key in ("method", "rank", "trainable_params", "total_params", "history", "eval", "analysis",
+                "median_step_s", "peak_mem_mb"):
+        assert key in run0
+    for view in ("from_start", "step_to_step"):
+        assert set(run0["analysis"][-1][view]) == {"dM_row", "dM_col", "dD_row", "dD_col"}
+    assert load_results(tmp_path) == on_disk
+    assert json.loads((tmp_path / "config.json").read_text())["methods"] == ["lora", "dora", "bora"]
+    with open(tmp_path / "steps.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 12 and list(rows[0])[:8] == ["run_id", "method", "rank", "step", "loss", "lr", "step_s",
+                                                       "peak_mem_mb"]
+    assert rows[1]["eval_accuracy"] != "" and rows[0]["eval_accuracy"] == ""
+
+
+def test_load_results_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_results(tmp_path)
+    (tmp_path / "results.json").write_text("[1, 2]")
+    with pytest.raises(ValueError):
+        load_results(tmp_path)
+
+
+# ---------------------------------------------------------------- fairness and determinism
+def test_same_seed_same_numbers_lockstep_and_sequential(tiny_events):
+    first = _numbers(tiny_events[-1].results)
+    again = _numbers(run(tiny()))
+    sequential = run(tiny(lockstep=False))
+    assert again == first
+    assert sequential["lockstep"] is False and _numbers(sequential) == first
+
+
+# ---------------------------------------------------------------- cancellation
+def test_cancel_keeps_partial_results():
+    cancel = threading.Event()
+    events = []
+    for ev in compare(synthetic(methods=["lora", "dora", "bora"]), cancel):
+        events.append(ev)
+        if ev.kind == "step" and ev.run_id == "dora-r4" and ev.step == 3:
+            cancel.set()
+    kinds = [e.kind for e in events]
+    assert kinds[-2:] == ["cancelled", "comparison_done"]
+    finished = _by(events, "run_finished")
+    assert [e.run_id for e in finished] == ["lora-r4", "dora-r4", "bora-r4"]
+    assert all(e.summary["status"] == "cancelled" for e in finished)
+    results = events[-1].results
+    assert results["status"] == "cancelled"
+    assert [len(r["history"]) for r in results["runs"]] == [3, 3, 2]  # stopped between steps
+    assert all(r["status"] == "cancelled" for r in results["runs"])
+    assert not [e for e in events[kinds.index("run_finished"):] if e.kind == "step"]
+
+
+def test_cancel_sequential_marks_pending_runs():
+    cancel = threading.Event()
+    events = []
+    for ev in compare(synthetic(lockstep=False), cancel):
+        events.append(ev)
+        if ev.kind == "step" and ev.step == 2:
+            cancel.set()
+    results = events[-1].results
+    assert [(r["run_id"], len(r["history"]), r["status"]) for r in results["runs"]] == [
+        ("lora-r4", 2, "cancelled"), ("bora-r4", 0, "cancelled")]
+
+
+# ---------------------------------------------------------------- failures stop one run only
+@dataclass
+class TrapConfig(AdapterConfig):
+    fail_at: int = field(default=0, metadata={"help": "step at which to fail (0: never)"})
+    fail: str = field(default="nan", metadata={"help": "nan or oom"})
+
+
+class TrapLinear(LoRALinear):
+    """LoRA with the trainer hooks, that can fail on purpose at a given step."""
+
+    calls: dict = {}
+
+    def __init__(self, base, cfg):
+        super().__init__(base, cfg)
+        self.seen = 0
+
+    def after_step(self, step, total):
+        self.seen = step
+        TrapLinear.calls.setdefault("after_step", []).append((step, total))
+
+    def regularization_loss(self):
+        TrapLinear.calls["reg"] = TrapLinear.calls.get("reg", 0) + 1
+        return 0.0 * self.lora_A.sum()
+
+    def adapter_forward(self, x):
+        y = super().adapter_forward(x)
+        if self.cfg.fail_at and self.seen + 1 >= self.cfg.fail_at:
+            if self.cfg.fail == "oom":
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return y * float("nan")
+        return y
+
+
+@pytest.fixture
+def trap():
+    registry.register("trap_test", TrapConfig)(TrapLinear)
+    TrapLinear.calls = {}
+    yield TrapLinear
+    METHODS.pop("trap_test", None)
+
+
+def test_hooks_are_called(trap):
+    results = run(synthetic(methods=["trap_test"], steps=5))
+    assert results["runs"][0]["status"] == "done"
+    assert trap.calls["after_step"] == [(s, 5) for s in range(1, 6)]
+    assert trap.calls["reg"] == 5
+
+
+def test_nan_stops_that_run_only(trap):
+    cfg = synthetic(methods=["lora", "trap_test"], eval_every=20, method_options={"trap_test": {"fail_at": 3}})
+    events = list(compare(cfg))
+    err = _by(events, "error")
+    assert len(err) == 1 and err[0].run_id == "trap_test-r4" and err[0].status == "nan"
+    assert err[0].message.startswith("loss became NaN at step 3") and "smaller learning rate" in err[0].message
+    runs = {r["run_id"]: r for r in events[-1].results["runs"]}
+    assert runs["trap_test-r4"]["status"] == "nan" and len(runs["trap_test-r4"]["history"]) == 2
+    assert runs["lora-r4"]["status"] == "done" and len(runs["lora-r4"]["history"]) == 20
+    assert _by(events, "progress")[-1].total_steps == 20 + 2
+
+
+def test_huge_learning_rate_is_reported(trap):
+    results = run(synthetic(lr=1e6, steps=5))
+    for r in results["runs"]:
+        assert r["status"] == "nan" and "try a smaller learning rate" in r["error"]
+
+
+def test_oom_and_bad_rank_are_run_errors(trap):
+    cfg = synthetic(methods=["lora", "trap_test"], ranks=[4, 1000], steps=4,
+                    method_options={"trap_test": {"fail_at": 2, "fail": "oom"}})
+    runs = {r["run_id"]: r for r in run(cfg)["runs"]}
+    assert runs["lora-r4"]["status"] == "done"
+    assert runs["lora-r1000"]["status"] == "error" and "rank 1000 is invalid" in runs["lora-r1000"]["error"]
+    assert runs["trap_test-r4"]["status"] == "oom" and "smaller batch size" in runs["trap_test-r4"]["error"]
+
+
+def test_config_errors_raise_one_line():
+    for cfg, match in [(RunConfig(methods=["nope"]), "unknown method 'nope'"),
+                       (RunConfig(method_options={"dora": {"bogus": 1}}), "no option"),
+                       (tiny(analysis_module="nothing_like_this"), "modules available"),
+                       (tiny(analysis_layers=[7]), "layers available: \\[0, 1\\]")]:
+        with pytest.raises(ValueError, match=match):
+            next(compare(cfg))
+
+
+# ---------------------------------------------------------------- analysis choices, model-level methods
+def test_analysis_module_and_layers():
+    events = list(compare(tiny(methods=["lora"], steps=2, analysis_module="value", analysis_layers=[1],
+                               eval_every=2)))
+    assert _by(events, "run_started")[0].analysed_modules == ["bert.encoder.layer.1.attention.self.value"]
+
+
+def test_model_level_method_has_no_analysis():
+    model_level = [n for n, c in METHODS.items() if c.kind == "model" and n in ("bitfit", "head", "adapter")]
+    if not model_level:
+        pytest.skip("no model-level method registered yet")
+    events = list(compare(tiny(methods=[model_level[0]], steps=2)))
+    assert _by(events, "run_started")[0].analysed_modules == []
+    assert not _by(events, "analysis") and events[-1].results["runs"][0]["status"] == "done"
+
+
+def test_export_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    from bora_lab.train.models import load_model
+
+    events = list(compare(tiny(methods=["lora"], steps=2, export_weights=True)))
+    weights = events[-1].weights["lora-r4"]
+    assert list(weights["start"]) == QUERY and list(weights["end"]) == QUERY
+    w0 = load_model("minilm", "classification", 2, num_layers=2).model.get_submodule(QUERY[0]).weight
+    assert torch.equal(weights["start"][QUERY[0]], w0)
+    assert not torch.equal(weights["end"][QUERY[0]], w0)
+    save_results(events[-1].results, tmp_path, weights=events[-1].weights, html=False)
+    on_disk = load_file(str(tmp_path / "weights" / "lora-r4" / "weights_end.safetensors"))
+    assert torch.equal(on_disk[QUERY[0]], weights["end"][QUERY[0]])
+
+
+# ---------------------------------------------------------------- synthetic: which method recovers what
+def test_only_column_capable_methods_recover_a_column_scaling():
+    """W* = W0 diag(c): full-rank, so LoRA (rank 4) and DoRA's per-row magnitude cannot express it."""
+    cfg = synthetic(methods=["lora", "dora", "dora_col", "bora", "full"], steps=400, eval_every=400,
+                    analyze_every=100)
+    err = {r["method"]: r["summary"]["eval_metric"] for r in run(cfg)["runs"]}
+    for m in ("dora_col", "bora", "full"):
+        assert err[m] < 0.2, err
+    for m in ("lora", "dora"):
+        assert err[m] > 0.4, err
+
+
+def test_row_scaling_is_recovered_by_row_magnitude():
+    cfg = synthetic(task="synthetic_row", methods=["lora", "dora", "dora_col"], steps=300, eval_every=300,
+                    analyze_every=100)
+    err = {r["method"]: r["summary"]["eval_metric"] for r in run(cfg)["runs"]}
+    assert err["dora"] < 0.2 < min(err["lora"], err["dora_col"]), err
+
+
+def test_run_writes_out_dir(tmp_path):
+    results = run(synthetic(steps=4, eval_every=2, analyze_every=2), out_dir=tmp_path)
+    assert results["status"] == "done"
+    for name in ("results.json", "config.json", "steps.csv", "figures.html"):
+        assert (tmp_path / name).is_file()
+    assert results["task"]["target_changes"]["proj"]["dM_col"] > 0
+    assert methods.info("bora")["has_weight"]

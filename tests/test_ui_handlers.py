@@ -1,0 +1,330 @@
+"""The app's handlers without a browser: widgets <-> RunConfig, events -> updates, bad input -> messages.
+
+The trainer is replaced by ``fake_compare``, which yields hand-made events (with real
+``WeightTracker`` snapshots) in the order the real trainer does, so these tests take a second.
+One test runs the real trainer on the synthetic task (a toy linear layer, seconds).
+"""
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+
+import gradio as gr
+import plotly.graph_objects as go
+import pytest
+import torch
+
+from bora_lab import methods
+from bora_lab.analysis import WeightTracker
+from bora_lab.config import RunConfig
+from bora_lab.methods import registry
+from bora_lab.train.events import (Analysis, Cancelled, ComparisonDone, Eval, Progress, RunError, RunFinished,
+                                   RunStarted, Step)
+from bora_lab.train.results import ResultsAccumulator, load_results, summarize
+from bora_lab.ui import handlers, history, live
+
+TASK = {"name": "fine_foods", "kind": "classification", "metric": "accuracy", "higher_is_better": True}
+TINY = dict(methods=["lora", "dora", "bora"], ranks=[4], steps=6, analyze_every=2, eval_every=3)
+
+
+@pytest.fixture(autouse=True)
+def _runs_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("BORA_LAB_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setattr(live, "MIN_INTERVAL_S", 0.05)  # redraw often so the tests see live updates
+
+
+@dataclass
+class Fake:
+    """A stand-in for ``trainer.compare``: configurable delay, NaN run, failure."""
+
+    delay: float = 0.0  # seconds per step
+    nan_run: str | None = None  # run id whose loss turns NaN at step 2
+    fail: Exception | None = None  # raised before any event (e.g. a model that cannot load)
+
+    def __call__(self, cfg: RunConfig, cancel: threading.Event):
+        if self.fail is not None:
+            raise self.fail
+        acc = ResultsAccumulator(cfg)
+        gen = torch.Generator().manual_seed(0)
+        weights = {rid: {f"layer.{i}.query": torch.randn(8, 6, generator=gen) for i in range(2)}
+                   for rid in cfg.run_ids()}
+        trackers = {rid: WeightTracker() for rid in cfg.run_ids()}
+        alive = list(cfg.run_ids())
+
+        def emit(ev):
+            acc.update(ev)
+            return ev
+
+        for rid in alive:
+            method, _, rank = rid.rpartition("-r")
+            yield emit(RunStarted(rid, method, int(rank), 100 * int(rank), 10_000, "cpu", list(weights[rid]),
+                                  info={"task": TASK, "trainable_pct": int(rank), "magnitude_axis": "none"}))
+            yield emit(Analysis(rid, 0, trackers[rid].snapshot(0, weights[rid])))
+        done, total = 0, cfg.steps * len(alive)
+        for step in range(1, cfg.steps + 1):
+            for rid in list(alive):
+                if cancel.is_set():
+                    for r in alive:
+                        yield emit(RunFinished(r, summarize(acc.run(r), TASK, status="cancelled")))
+                    yield emit(Cancelled("cancelled by the user; results so far are kept"))
+                    yield emit(ComparisonDone(acc.finish("cancelled")))
+                    return
+                time.sleep(self.delay)
+                if rid == self.nan_run and step == 2:
+                    alive.remove(rid)
+                    total -= cfg.steps - 1
+                    yield emit(RunError(rid, "loss became NaN at step 2; try a smaller learning rate", status="nan"))
+                    yield emit(RunFinished(rid, summarize(acc.run(rid), TASK, status="nan")))
+                    continue
+                for w in weights[rid].values():
+                    w.add_(0.01 * torch.randn(w.shape, generator=gen))
+                yield emit(Step(rid, step, 1.0 / step, 1e-3, 0.01, 100.0))
+                if step % cfg.analyze_every == 0:
+                    yield emit(Analysis(rid, step, trackers[rid].snapshot(step, weights[rid])))
+                if step % cfg.eval_every == 0:
+                    yield emit(Eval(rid, step, {"accuracy": 0.5 + step / 100, "f1": 0.5}))
+                done += 1
+                yield emit(Progress(done, total, 0.01 * done, 0.01 * (total - done)))
+        for rid in alive:
+            yield emit(RunFinished(rid, summarize(acc.run(rid), TASK, status="done")))
+        yield emit(ComparisonDone(acc.finish("done")))
+
+
+def values_for(cfg: RunConfig) -> list:
+    v = handlers.ui_values(cfg)
+    return [v[k] for k in handlers.input_keys()]
+
+
+def drain(gen) -> list[tuple]:
+    return list(gen)
+
+
+def traces_named(fig: go.Figure) -> set[str]:
+    return {t.name for t in fig.data if t.name}
+
+
+# --------------------------------------------------------------------------- widgets <-> RunConfig
+@pytest.mark.parametrize("cfg", [
+    RunConfig(),
+    RunConfig(model="roberta-base", task="glue/sst2", methods=["dora", "bora"], ranks=[16, 4], alpha=8.0, lr=3e-4,
+              steps=7, batch_size=3, seed=5, num_layers=2, analysis_layers=[0, 1], analysis_module="value",
+              target_modules=["query", "value"], device="cpu", lockstep=False, text_column="sentence",
+              method_options={"dora": {"detach_norm": False}, "bora": {"eps": 1e-5}}),
+])
+def test_widgets_round_trip(cfg):
+    assert handlers.config_from_ui(**handlers.ui_values(cfg)) == cfg
+
+
+def test_every_registered_method_and_option_has_a_widget():
+    labels = dict((v, k) for k, v in handlers.method_choices())
+    assert list(labels) == registry.available()
+    for name, label in labels.items():
+        assert registry.info(name)["description"] in label and "magnitude" in label
+    keys = {s["key"] for s in handlers.option_specs()}
+    assert "dora.detach_norm" in keys and not any(k.endswith((".rank", ".alpha")) for k in keys)
+
+
+def test_a_new_method_needs_no_ui_code():
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class ToyConfig(methods.AdapterConfig):
+        knob: int = field(default=3, metadata={"help": "a toy knob", "min": 1, "max": 9})
+
+    try:
+        @registry.register("toy_method", ToyConfig)
+        class Toy(methods.AdapterLinear):
+            description, magnitude_axis = "a toy", "row (per output feature)"
+
+        assert "toy_method" in dict((v, k) for k, v in handlers.method_choices())
+        values = handlers.ui_values(RunConfig(methods=["toy_method"]))
+        assert values["toy_method.knob"] == 3
+        cfg = handlers.config_from_ui(**{**values, "toy_method.knob": 5})
+        assert cfg.method_options == {"toy_method": {"knob": 5}}
+        with pytest.raises(ValueError, match="toy_method.knob must be <= 9"):
+            handlers.config_from_ui(**{**values, "toy_method.knob": 10})
+    finally:
+        registry.METHODS.pop("toy_method", None)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"methods": []}, "Select at least one method"),
+    ({"ranks": []}, "at least one rank"),
+    ({"ranks": ["8", "x"]}, "'x' is not a whole number"),
+    ({"ranks": ["0"]}, "at least 1"),
+    ({"steps": 0}, "Steps must be >= 1"),
+    ({"steps": 2.5}, "Steps must be a whole number"),
+    ({"lr": "fast"}, "Learning rate must be a number"),
+    ({"lr": 0}, "Learning rate must be > 0"),
+    ({"batch_size": None}, "Batch size is empty"),
+    ({"model": "  "}, "Enter a model"),
+    ({"analysis_layers": "0, two"}, "'two' is not a whole number"),
+    ({"dora.eps": -1.0}, "dora.eps must be >= 0"),
+])
+def test_bad_widget_values_give_specific_messages(change, message):
+    values = {**handlers.ui_values(), **change}
+    with pytest.raises(ValueError, match=message):
+        handlers.config_from_ui(**values)
+
+
+def test_task_suggests_its_settings_and_switching_back_restores_them():
+    from bora_lab.train.tasks import task_defaults
+
+    suggested = task_defaults("synthetic_col")
+    synthetic = handlers.task_values("synthetic_col")
+    assert synthetic["model"] == suggested["model"] != RunConfig().model and synthetic["lr"] == suggested["lr"]
+    back = handlers.task_values("fine_foods")
+    assert back["model"] == RunConfig().model and back["lr"] == RunConfig().lr
+
+
+# --------------------------------------------------------------------------- events -> updates
+def test_stale_plots_follow_the_events():
+    assert handlers.stale_plots([Step("a", 1, 0.5, 1e-3, 0.1, 1.0)]) == {"loss", "table"}
+    assert handlers.stale_plots([Analysis("a", 2, {})]) == {"md", "scatter", "table"}
+    assert handlers.stale_plots([Progress(1, 2, 0.1, 0.1)]) == set()
+
+
+def test_progress_bar_and_durations():
+    html = handlers.progress_html(30, 120, 65, 195)
+    assert 'style="width:25.0%"' in html and "30 / 120 steps" in html and "1:05 elapsed" in html
+    assert "about 3:15 left" in html
+    assert handlers.fmt_duration(3725) == "1:02:05" and handlers.fmt_duration(None) == "?"
+
+
+def test_error_messages_are_one_line_and_suggest_a_fix():
+    class OutOfMemoryError(RuntimeError):
+        pass
+
+    oom = handlers.error_message(OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\ntrace"), "cuda")
+    assert "smaller batch size" in oom and "rank" in oom and "\n" not in oom
+    assert handlers.error_message(ValueError("unknown model 'x' (offline)\nmore")) == "unknown model 'x' (offline)"
+    assert handlers.error_message(RuntimeError("boom")) == "RuntimeError: boom"
+
+
+def test_run_streams_live_plots_of_every_run_and_saves_them():
+    session = live.Session()
+    cfg = RunConfig(**TINY)
+    outs = drain(live.run_comparison(session, *values_for(cfg), compare_fn=Fake(delay=0.02)))
+    assert len(outs) >= 3  # a first frame, live redraws, the final frame
+    status, progress, loss, metric, md, scatter, table = outs[-1]
+    runs = set(cfg.run_ids())
+    assert "Done" in status and "Saved to" in status and "18 / 18 steps" in progress
+    assert runs <= {n.split(" ")[0] for n in traces_named(loss)}
+    assert isinstance(md, go.Figure) and isinstance(scatter, go.Figure) and isinstance(metric, go.Figure)
+    assert list(table["run"]) == cfg.run_ids()
+    saved = load_results(session.run_dirs[-1])
+    assert saved["status"] == "done" and len(saved["runs"][0]["history"]) == cfg.steps
+    assert (session.run_dirs[-1] / "steps.csv").is_file() and (session.run_dirs[-1] / "figures.html").is_file()
+
+
+def test_live_frames_skip_plots_that_did_not_change():
+    session = live.Session()
+    drain(live.run_comparison(session, *values_for(RunConfig(**TINY)), compare_fn=Fake()))
+    frame = live.render(session.job, handlers.stale_plots([Step("lora-r4", 9, 0.1, 1e-3, 0.1, 1.0)]), "from_start")
+    assert dict(zip(live.OUTPUTS, frame)).keys() == set(live.OUTPUTS)
+    assert isinstance(frame[2], go.Figure) and list(frame[6]["run"]) == RunConfig(**TINY).run_ids()
+    assert frame[3] == frame[4] == frame[5] == gr.skip()
+
+
+def test_bad_input_raises_a_gradio_error_without_starting():
+    session = live.Session()
+    values = values_for(RunConfig(**TINY))
+    values[handlers.input_keys().index("methods")] = []
+    with pytest.raises(gr.Error, match="Select at least one method"):
+        drain(live.run_comparison(session, *values, compare_fn=Fake()))
+    assert session.job is None
+
+
+def test_model_that_cannot_load_becomes_one_line_error_and_no_folder():
+    session = live.Session()
+    fake = Fake(fail=ValueError("cannot load model 'nobody/nothing': the Hugging Face hub is unreachable (offline)"))
+    with pytest.raises(gr.Error, match="hub is unreachable"):
+        drain(live.run_comparison(session, *values_for(RunConfig(**TINY)), compare_fn=fake))
+    assert not session.run_dirs[-1].exists()
+
+
+def test_nan_run_stops_with_a_warning_and_the_others_finish():
+    session = live.Session()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = drain(live.run_comparison(session, *values_for(RunConfig(**TINY)),
+                                         compare_fn=Fake(nan_run="dora-r4")))
+    assert any("dora-r4: loss became NaN" in str(w.message) for w in caught)
+    status, table = outs[-1][0], outs[-1][6]
+    assert "loss became NaN at step 2" in status
+    assert dict(zip(table["run"], table["status"])) == {"lora-r4": "done", "dora-r4": "nan", "bora-r4": "done"}
+
+
+def test_stop_keeps_and_saves_partial_results():
+    session = live.Session()
+    cfg = RunConfig(**{**TINY, "steps": 200})
+    gen = live.run_comparison(session, *values_for(cfg), compare_fn=Fake(delay=0.01))
+    consumer = threading.Thread(target=drain, args=(gen,))  # Gradio iterates the generator in a worker
+    consumer.start()
+    while session.job is None or session.job.progress is None or session.job.progress.done_steps < 9:
+        time.sleep(0.01)
+    status, progress, loss, *_, table = live.stop_comparison(session)
+    consumer.join(10)
+    assert "Stopped" in status and "kept" in status and "Saved to" in status
+    assert set(table["status"]) == {"cancelled"}
+    saved = load_results(session.run_dirs[-1])
+    steps = len(saved["runs"][0]["history"])
+    assert saved["status"] == "cancelled" and 3 <= steps < cfg.steps
+
+
+def test_stop_when_nothing_runs_is_harmless():
+    assert all(o == gr.skip() for o in live.stop_comparison(live.Session()))
+
+
+def test_session_state_is_private_per_visitor():
+    import copy
+
+    first = live.Session()
+    first.run_dirs.append("x")
+    second = copy.deepcopy(first)  # what gr.State does for each new visitor
+    assert second.run_dirs == [] and second.job is None
+
+
+def test_md_view_switch_redraws_the_last_comparison():
+    session = live.Session()
+    drain(live.run_comparison(session, *values_for(RunConfig(**TINY)), compare_fn=Fake()))
+    fig = live.change_md_view(session, "step to step (t vs t-1)")
+    assert isinstance(fig, go.Figure) and session.md_view == "step_to_step"
+
+
+# --------------------------------------------------------------------------- history
+def test_history_lists_reopens_overlays_and_downloads(tmp_path):
+    session = live.Session()
+    for seed in (0, 1):
+        drain(live.run_comparison(session, *values_for(RunConfig(**TINY, seed=seed)), compare_fn=Fake()))
+    frame, choices = history.list_runs(session, show_all=False)
+    names = [d.name for d in reversed(session.run_dirs)]
+    assert list(frame["run folder"]) == names and choices["choices"] == names
+    one = history.open_runs(session, False, names[:1], "from the start (t vs 0)")
+    assert list(one[5]["run"]) == RunConfig(**TINY).run_ids()
+    assert {p.rsplit(".", 1)[-1] for p in one[6]} >= {"json", "csv", "html"}
+    both = history.open_runs(session, False, names, "from the start (t vs 0)")
+    assert len(both[5]) == 6 and any(names[1] in r for r in both[5]["run"])
+    assert {p.rsplit(".", 1)[-1] for p in both[6]} >= {"json", "csv", "html"}
+    with pytest.raises(gr.Error, match="not in your list"):
+        history.open_runs(live.Session(), False, names[:1], "from the start (t vs 0)")  # another visitor
+
+
+def test_history_opens_an_uploaded_cli_results_file():
+    session = live.Session()
+    drain(live.run_comparison(session, *values_for(RunConfig(**TINY)), compare_fn=Fake()))
+    out = history.open_upload(live.Session(), str(session.run_dirs[-1] / "results.json"), "from the start (t vs 0)")
+    assert "uploaded" in out[0] and len(out[5]) == 3
+
+
+# --------------------------------------------------------------------------- the real trainer
+def test_real_trainer_on_the_synthetic_task():
+    session = live.Session()
+    cfg = RunConfig(task="synthetic_col", model="linear", methods=["lora", "bora"], ranks=[2], steps=8,
+                    batch_size=16, lr=0.02, eval_every=4, analyze_every=2, warmup_ratio=0.0, device="cpu")
+    outs = drain(live.run_comparison(session, *values_for(cfg)))
+    status, _, loss, *_, table = outs[-1]
+    assert "Done" in status and list(table["run"]) == cfg.run_ids()
+    assert load_results(session.run_dirs[-1])["status"] == "done"
