@@ -1,6 +1,8 @@
 """LoRA2 and AdaLoRA: orthogonality regulariser, importance scores, budget schedule, rank history."""
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 from torch import nn
@@ -39,7 +41,7 @@ def test_budget_schedule_is_cubic_and_reaches_target():
     out = [budget_schedule(t, total, 48, 12, warm, final) for t in range(1, total + 1)]
     assert all(b == 48 and ph == "warmup" for b, ph in out[:warm])
     budgets = [b for b, _ in out]
-    assert all(a >= b for a, b in zip(budgets, budgets[1:]))  # never grows
+    assert all(a >= b for a, b in pairwise(budgets))  # never grows
     assert all(b == 12 and ph == "final" for b, ph in out[total - final - 1:])
     t = 45  # cubic in between: target + (init - target) * (1 - (t - warm) / (end - warm))^3
     assert budgets[t - 1] == int(12 + 36 * (1 - (t - warm) / (total - final - warm)) ** 3)
@@ -115,7 +117,7 @@ def test_lora2_orthogonality_improves_under_its_regulariser():
     def run(weight: float) -> tuple[float, float]:
         torch.manual_seed(0)
         model = methods.apply(_toy(), "lora2", rank=4, lambda_rank=4, target_rank=4, orth_reg_weight=weight)
-        pen = lambda: sum(sum(m.orthogonality().values()).item() for _, m in methods.adapter_layers(model))  # noqa: E731
+        pen = lambda: sum(sum(m.orthogonality().values()).item() for _, m in methods.adapter_layers(model))
         start = pen()
         _train(model, 30, lr=2e-2)
         return start, pen()
@@ -148,7 +150,7 @@ def test_lora2_importance_is_eq9_on_the_small_factors():
         layer.lora_E.weight.normal_()
     layer(torch.randn(5, 10)).pow(2).sum().backward()
     assert layer.update_importance()
-    s = lambda p: (p * p.grad).abs()  # noqa: E731  beta=0: Ī = I, Ū = |I − Ī| = 0 ... so use the avg only
+    s = lambda p: (p * p.grad).abs()  # with beta1 = 0 the smoothed sensitivity is the raw |p · grad|
     torch.testing.assert_close(layer._sens.avg["diag"], s(layer.lora_E.weight).detach())
     torch.testing.assert_close(layer._sens.avg["row"], s(layer.in_u).detach())
     torch.testing.assert_close(layer._sens.avg["col"], s(layer.out_U).detach())

@@ -239,9 +239,9 @@ def test_prompt_equals_manual_insertion_after_cls(minilm, name):
     ids, mask, tt = batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
     emb = base.bert.get_input_embeddings()(ids)
     b = ids.shape[0]
-    manual = dict(inputs_embeds=torch.cat([emb[:, :1], p.expand(b, -1, -1), emb[:, 1:]], 1),
-                  attention_mask=torch.cat([mask[:, :1], mask.new_ones(b, 4), mask[:, 1:]], 1),
-                  token_type_ids=torch.cat([tt[:, :1], tt.new_zeros(b, 4), tt[:, 1:]], 1))
+    manual = {"inputs_embeds": torch.cat([emb[:, :1], p.expand(b, -1, -1), emb[:, 1:]], 1),
+              "attention_mask": torch.cat([mask[:, :1], mask.new_ones(b, 4), mask[:, 1:]], 1),
+              "token_type_ids": torch.cat([tt[:, :1], tt.new_zeros(b, 4), tt[:, 1:]], 1)}
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, base(**manual).logits)
 
@@ -269,7 +269,7 @@ def test_prefix_keys_reach_every_layer():
 
 
 
-@pytest.mark.parametrize("name,arch", [("prompt", "bert"), ("prompt", "llama"), ("prefix", "bert"), ("prefix", "llama")])
+@pytest.mark.parametrize("name,arch", [(n, a) for n in ("prompt", "prefix") for a in ("bert", "llama")])
 def test_parity_with_peft(minilm, name, arch):
     """Same vectors in PEFT's PromptTuning/PrefixTuning give the same logits (PEFT prompts go first)."""
     peft_mod = pytest.importorskip("peft")
@@ -314,7 +314,8 @@ def test_adapter_on_bert_skips_the_pooler(minilm):
 
     model = methods.apply(copy.deepcopy(minilm[0]), "adapter")
     names = [n for n, m in model.named_modules() if isinstance(m, HoulsbyAdapterLinear)]
-    assert names == [f"bert.encoder.layer.{i}.{s}" for i in range(2) for s in ("attention.output.dense", "output.dense")]
+    sites = ("attention.output.dense", "output.dense")
+    assert names == [f"bert.encoder.layer.{i}.{s}" for i in range(2) for s in sites]
 
 
 def test_bitfit_needs_biases():

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from bora_lab import methods
-from bora_lab.methods.presets import PRESETS, resolve_preset
 from bora_lab.methods.pissa import principal_factors
+from bora_lab.methods.presets import PRESETS, resolve_preset
 
 
 def _toy() -> nn.Module:

@@ -18,10 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import AdapterLinear
+from .base import AdapterLinear, combined_weight
 from .budget import (
-    BudgetConfig, PrunableDiagonal, Sensitivity, allocator_for, gaussian_, orth_penalty, rank_history,
-    regularization_loss, update_and_allocate,
+    BudgetConfig,
+    PrunableDiagonal,
+    Sensitivity,
+    allocator_for,
+    gaussian_,
+    orth_penalty,
+    rank_history,
+    regularization_loss,
+    update_and_allocate,
 )
 from .registry import register
 
@@ -61,10 +68,11 @@ class AdaLoRALinear(AdapterLinear):
         self._allocator.add(self)
 
     def effective_weight(self) -> Tensor:
-        return torch.addmm(self.weight0, self.lora_B * self.lora_E(), self.lora_A, alpha=self.scale)
+        return combined_weight(self.weight0, self.lora_A, self.lora_B * self.lora_E(), self.scale)
 
     def adapter_forward(self, x: Tensor) -> Tensor:
-        h = F.linear(x, self.lora_A) * self.lora_E()  # (..., r)
+        h = F.linear(x, self.lora_A)  # (..., r)
+        h = h * self.lora_E().to(h.dtype)
         return F.linear(x, self.base.weight, self.base.bias) + F.linear(h, self.lora_B) * self.scale
 
     @staticmethod

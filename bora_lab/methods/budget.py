@@ -98,7 +98,7 @@ def budget_schedule(step: int, total_steps: int, init_budget: int, target_budget
 
 def phase_lengths(cfg: BudgetConfig, total_steps: int) -> tuple[int, int]:
     """``(warmup_steps, final_steps)`` of a run of ``total_steps``; the final phase lasts >= 1 step."""
-    return int(round(cfg.warmup_frac * total_steps)), max(1, int(round(cfg.final_frac * total_steps)))
+    return round(cfg.warmup_frac * total_steps), max(1, round(cfg.final_frac * total_steps))
 
 
 def orth_penalty(x: Tensor) -> Tensor:
@@ -107,9 +107,10 @@ def orth_penalty(x: Tensor) -> Tensor:
     For ``A: [r, in]`` that is ``A Aᵀ`` (orthonormal rows), for ``B: [out, r]`` it is ``Bᵀ B``
     (orthonormal columns): the only Gram of a thin matrix that can equal the identity.
     """
-    x = x.float()
-    g = x @ x.T if x.shape[0] <= x.shape[1] else x.T @ x  # (short, short)
-    return (g - torch.eye(g.shape[0], device=g.device, dtype=g.dtype)).pow(2).sum()
+    with torch.autocast(x.device.type, enabled=False):  # a bf16 Gram would hide small deviations
+        x = x.float()
+        g = x @ x.T if x.shape[0] <= x.shape[1] else x.T @ x  # (short, short)
+        return (g - torch.eye(g.shape[0], device=g.device, dtype=g.dtype)).pow(2).sum()
 
 
 class PrunableDiagonal(nn.Module):
@@ -249,7 +250,7 @@ class RankAllocator:
         return self.cfg.orth_reg_weight / max(1, len(self.layers))
 
 
-_GROUPS: "weakref.WeakValueDictionary[int, RankAllocator]" = weakref.WeakValueDictionary()
+_GROUPS: weakref.WeakValueDictionary[int, RankAllocator] = weakref.WeakValueDictionary()
 
 
 def allocator_for(cfg: BudgetConfig) -> RankAllocator:

@@ -33,15 +33,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import AdapterLinear, check_rank
+from .base import AdapterLinear, check_rank, combined_weight
 from .budget import (
-    BudgetConfig, PrunableDiagonal, Sensitivity, allocator_for, gaussian_, orth_penalty, rank_history,
-    regularization_loss, update_and_allocate,
+    BudgetConfig,
+    PrunableDiagonal,
+    Sensitivity,
+    allocator_for,
+    gaussian_,
+    orth_penalty,
+    rank_history,
+    regularization_loss,
+    update_and_allocate,
 )
 from .registry import register
 
-__all__ = ["LoRA2Config", "LoRA2Linear", "ORTH_TARGETS", "rank_history", "regularization_loss",
-           "update_and_allocate"]
+__all__ = [
+    "ORTH_TARGETS",
+    "LoRA2Config",
+    "LoRA2Linear",
+    "rank_history",
+    "regularization_loss",
+    "update_and_allocate",
+]
 
 # Which factor groups each ``orth_targets`` choice regularises (paper table 3).
 ORTH_TARGETS = {"all": ("uv", "UV", "PQ"), "uv+UV": ("uv", "UV"), "PQ": ("PQ",), "uv": ("uv",), "UV": ("UV",)}
@@ -98,11 +111,13 @@ class LoRA2Linear(AdapterLinear):
         return self.out_V @ self.out_U, self.in_u @ self.in_v
 
     def effective_weight(self) -> Tensor:
-        p, q = self.planes()
-        return torch.addmm(self.weight0, p * self.lora_E(), q, alpha=self.scale)
+        with torch.autocast(self.weight0.device.type, enabled=False):  # dense W in the weights' dtype
+            p, q = self.planes()
+            return combined_weight(self.weight0, q, p * self.lora_E(), self.scale)
 
     def adapter_forward(self, x: Tensor) -> Tensor:
-        h = F.linear(F.linear(x, self.in_v), self.in_u) * self.lora_E()  # (..., k) -> (..., r)
+        h = F.linear(F.linear(x, self.in_v), self.in_u)  # (..., k) -> (..., r)
+        h = h * self.lora_E().to(h.dtype)
         h = F.linear(F.linear(h, self.out_U), self.out_V)  # (..., k) -> (..., out)
         return F.linear(x, self.base.weight, self.base.bias) + h * self.scale
 

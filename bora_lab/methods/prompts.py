@@ -14,8 +14,8 @@ ordinary call ``model(input_ids=..., attention_mask=..., labels=...)`` works unc
   holds positions ``0..n-1`` and the real tokens start at ``n`` (given ``position_ids`` are shifted
   too, so cached generation matches a plain forward).
 
-During cached generation the virtual tokens are added once (prefill); later steps only extend the
-mask (and shift given ``position_ids``). None of them is mergeable or has an effective weight.
+In cached generation the virtual tokens go in once (prefill); later steps only extend the mask and
+shift given ``position_ids``. None of the three is mergeable or has an effective weight.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ class PromptConfig(AdapterConfig):
     num_virtual_tokens: int = _n_tokens_field()
     position: str = _position_field()
     init: str = field(default="vocab", metadata={
-        "help": "vocab: copies of random token embeddings (Lester et al. sec. 3); random: N(0, std of the embeddings)",
+        "help": "vocab: copies of random token embeddings (Lester et al.); random: N(0, std of the embeddings)",
         "choices": ["vocab", "random"]})
 
 
@@ -61,7 +61,8 @@ class PTuningConfig(AdapterConfig):
     encoder: str = field(default="lstm", metadata={
         "help": "prompt encoder: lstm (2-layer bidirectional LSTM + MLP, as the paper) or mlp",
         "choices": ["lstm", "mlp"]})
-    encoder_hidden: int = field(default=128, metadata={"help": "hidden size of the prompt encoder", "min": 1, "max": 4096})
+    encoder_hidden: int = field(default=128, metadata={
+        "help": "hidden size of the prompt encoder", "min": 1, "max": 4096})
 
 
 @dataclass
@@ -70,10 +71,10 @@ class PrefixConfig(AdapterConfig):
 
     num_virtual_tokens: int = _n_tokens_field(10, "prefix length n: key/value vectors added to every attention layer")
     init: str = field(default="tokens", metadata={
-        "help": "tokens: keys/values of random real tokens (Li & Liang sec. 7.2); random: N(0, 1)",
+        "help": "tokens: keys/values of random real tokens (Li & Liang's init ablation); random: N(0, 1)",
         "choices": ["tokens", "random"]})
     reparameterize: bool = field(default=False, metadata={
-        "help": "produce the prefix with an MLP from n embeddings (Li & Liang sec. 4.3); more parameters"})
+        "help": "produce the prefix with an MLP from n embeddings (Li & Liang's reparametrisation)"})
     encoder_hidden: int = field(default=128, metadata={
         "help": "hidden size of the reparameterisation MLP", "min": 1, "max": 4096})
 
@@ -108,9 +109,9 @@ def _insert(t: Tensor, k: int, block: Tensor) -> Tensor:
 class _Hooked(nn.Module):
     """Base of the modules attached to the base model; binds positional args to names."""
 
-    def __init__(self, arg_names: list[str], n: int):
+    def __init__(self, model: nn.Module, n: int):
         super().__init__()
-        self.arg_names, self.n = arg_names, n
+        self.arg_names, self.n = list(inspect.signature(_base(model).forward).parameters), n
 
     def bind(self, args: tuple, kwargs: dict) -> dict:
         return {**dict(zip(self.arg_names, args)), **kwargs}
@@ -123,19 +124,13 @@ class _Hooked(nn.Module):
             base.register_forward_hook(self.post_hook)
 
 
-def _arg_names(model: nn.Module) -> list[str]:
-    return list(inspect.signature(_base(model).forward).parameters)
-
-
 # -- input virtual tokens (prompt tuning, P-tuning) ------------------------------------------------
 class VirtualTokens(_Hooked):
     """Inserts ``prompt(): [n, d]`` into the embedded input at position ``insert_at``."""
 
-    def __init__(self, arg_names: list[str], n: int, insert_at: int, encoder: nn.Module):
-        super().__init__(arg_names, n)
-        self.insert_at = insert_at
-        self.encoder = encoder
-        self._inserted = False
+    def __init__(self, model: nn.Module, n: int, insert_at: int, encoder: nn.Module):
+        super().__init__(model, n)
+        self.insert_at, self.encoder, self._inserted = insert_at, encoder, False
 
     def prompt(self) -> Tensor:
         return self.encoder()  # (n, d)
@@ -238,9 +233,7 @@ class PromptEncoder(nn.Module):
 def _insert_at(model: nn.Module, position: str) -> int:
     if position not in ("auto", "start", "after_first"):
         raise ValueError(f"position must be auto, start or after_first, got {position!r}")
-    if position == "auto":
-        return 0 if _is_causal(model) else 1
-    return 0 if position == "start" else 1
+    return 0 if position == "start" or (position == "auto" and _is_causal(model)) else 1
 
 
 @register("prompt", PromptConfig)
@@ -265,8 +258,7 @@ class PromptTuning(ModelMethod):
     def apply_to_model(cls, model, cfg: PromptConfig, target_modules=None) -> None:
         emb = _base(model).get_input_embeddings().weight
         enc = PromptEmbedding(emb, cfg.num_virtual_tokens, cfg.init)
-        VirtualTokens(_arg_names(model), cfg.num_virtual_tokens, _insert_at(model, cfg.position), enc).attach(
-            model, "bora_prompt")
+        VirtualTokens(model, cfg.num_virtual_tokens, _insert_at(model, cfg.position), enc).attach(model, "bora_prompt")
 
     @classmethod
     def count_params(cls, model, cfg: PromptConfig, target_modules=None) -> int:
@@ -295,8 +287,7 @@ class PTuning(ModelMethod):
     def apply_to_model(cls, model, cfg: PTuningConfig, target_modules=None) -> None:
         emb = _base(model).get_input_embeddings().weight
         enc = PromptEncoder(cfg.num_virtual_tokens, emb.shape[1], cfg, emb)
-        VirtualTokens(_arg_names(model), cfg.num_virtual_tokens, _insert_at(model, cfg.position), enc).attach(
-            model, "bora_prompt")
+        VirtualTokens(model, cfg.num_virtual_tokens, _insert_at(model, cfg.position), enc).attach(model, "bora_prompt")
 
     @classmethod
     def count_params(cls, model, cfg: PTuningConfig, target_modules=None) -> int:
@@ -309,7 +300,7 @@ class PrefixKV(_Hooked):
 
     def __init__(self, model: nn.Module, cfg: PrefixConfig):
         n = cfg.num_virtual_tokens
-        super().__init__(_arg_names(model), n)
+        super().__init__(model, n)
         base = _base(model)
         self.geometry = layers, kv, hd = _kv_geometry(base.config)
         like = base.get_input_embeddings().weight
@@ -363,13 +354,10 @@ def _token_key_values(base: nn.Module, n: int) -> tuple[Tensor, Tensor]:
     """Keys/values that ``n`` random vocabulary tokens produce in every layer (eval mode)."""
     from transformers import DynamicCache
 
-    vocab = base.get_input_embeddings().weight.shape[0]
-    cache = DynamicCache(config=base.config)
-    was_training = base.training
+    cache, emb, was_training = DynamicCache(config=base.config), base.get_input_embeddings().weight, base.training
     base.eval()
     try:
-        base(input_ids=torch.randint(0, vocab, (1, n), device=base.get_input_embeddings().weight.device),
-             past_key_values=cache, use_cache=True)
+        base(input_ids=torch.randint(0, emb.shape[0], (1, n), device=emb.device), past_key_values=cache, use_cache=True)
     finally:
         base.train(was_training)
     keys = torch.stack([layer.keys[0] for layer in cache.layers])  # (layers, kv, n, hd)

@@ -17,7 +17,8 @@ from .base import AdapterConfig, ModelMethod
 from .model import head_module_names
 from .registry import register
 
-_LECTURE = "seed 001 (lecture), 'Finetuning of Convolutional Neural Networks': (1) full, (2) feature-based, (3) top-layer"
+_LECTURE = ("seed 001 (lecture), 'Finetuning of Convolutional Neural Networks': "
+            "(1) full, (2) feature-based, (3) top-layer")
 
 
 # -- helpers shared by the methods in this file --------------------------------------------------
@@ -90,7 +91,8 @@ class BitFit(ModelMethod):
 
     description = "BitFit: train only the bias terms (plus the task head)"
     formula = r"y = W_0 x + b,\ \text{only } b \text{ trainable}"
-    paper = "Ben Zaken et al., BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based Masked Language-models, ACL 2022"
+    paper = ("Ben Zaken, Ravfogel & Goldberg, BitFit: Simple Parameter-efficient Fine-tuning for "
+             "Transformer-based Masked Language-models, ACL 2022")
     source = "seed 001 (lecture), LoRA results table (GPT-3 BitFit row)"
 
     @classmethod

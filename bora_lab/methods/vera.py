@@ -73,12 +73,15 @@ class VeRAProjection(nn.Module):
         self.b = nn.Parameter(torch.zeros(d_out, device=like.device, dtype=like.dtype))
 
     def delta_weight(self) -> Tensor:
-        """``ΔW = diag(b) B diag(d) A``: ``[out, in]``."""
-        return (self.b.unsqueeze(1) * self.B) @ (self.d.unsqueeze(1) * self.A)
+        """``ΔW = diag(b) B diag(d) A``: ``[out, in]``, in the vectors' dtype even under autocast."""
+        with torch.autocast(self.A.device.type, enabled=False):
+            return (self.b.unsqueeze(1) * self.B) @ (self.d.unsqueeze(1) * self.A)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x @ ΔWᵀ`` without building ``ΔW``: ``b ⊙ ((d ⊙ (x Aᵀ)) Bᵀ)``."""
-        return F.linear(F.linear(x, self.A) * self.d, self.B) * self.b  # (..., r) -> (..., out)
+        h = F.linear(x, self.A)  # (..., r)
+        y = F.linear(h * self.d.to(h.dtype), self.B)  # (..., out)
+        return y * self.b.to(y.dtype)
 
 
 @register("vera", VeRAConfig)
@@ -142,7 +145,8 @@ class DVoRALinear(AdapterLinear):
         return self.scale_vector().unsqueeze(1) * self.direction()
 
     def adapter_forward(self, x: Tensor) -> Tensor:
-        y = (F.linear(x, self.base.weight) + self.vera(x)) * self.scale_vector()  # (..., out)
+        y = F.linear(x, self.base.weight) + self.vera(x)  # (..., out)
+        y = y * self.scale_vector().to(y.dtype)  # keep bf16 activations bf16 under autocast
         return y if self.base.bias is None else y + self.base.bias
 
     @staticmethod

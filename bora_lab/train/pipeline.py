@@ -29,6 +29,9 @@ class Pipeline(ABC):
 
     task: Task
     train_batches: list[dict[str, Tensor]]
+    # torch intra-op threads while training (None: leave as is). Tiny models run much faster on one
+    # thread: thread hand-offs cost more than their matmuls, worse still on a shared CPU.
+    num_threads: int | None = None
 
     @abstractmethod
     def pristine(self) -> nn.Module:

@@ -128,13 +128,24 @@ def compare(cfg: RunConfig, cancel: threading.Event | None = None) -> Iterator[E
     ctx.acc.results["peak_mem_kind"] = PEAK_MEM_KIND.get(device.type, "process_peak_rss")
     ctx.acc.results["lockstep"] = lockstep
     alive = {rid: _drive(ctx, rid, m, r) for rid, m, r in specs}
+    threads = torch.get_num_threads()
+    if pipeline.num_threads:
+        torch.set_num_threads(pipeline.num_threads)
+    try:
+        yield from _schedule(ctx, alive, cancel)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _schedule(ctx: _Context, alive: dict[str, Iterator], cancel: threading.Event | None) -> Iterator[Event]:
+    """Advance the runs (round-robin in lockstep, else one after another) until done or cancelled."""
 
     def emit(ev: Event) -> Event:
         ctx.acc.update(ev)
         return ev
 
     while alive:
-        for rid in list(alive) if lockstep else [next(iter(alive))]:
+        for rid in list(alive) if ctx.lockstep else [next(iter(alive))]:
             if cancel is not None and cancel.is_set():
                 yield from (emit(ev) for ev in _cancel(ctx, alive))
                 return
