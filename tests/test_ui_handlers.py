@@ -120,8 +120,10 @@ def test_widgets_round_trip(cfg):
 def test_every_registered_method_and_option_has_a_widget():
     labels = dict((v, k) for k, v in handlers.method_choices())
     assert list(labels) == registry.available()
-    for name, label in labels.items():
-        assert registry.info(name)["description"] in label and "magnitude" in label
+    assert labels["lora"] == "lora" and labels["dora"] == "dora (row)" and labels["bora"] == "bora (row+col)"
+    notes = handlers.method_notes(["lora", "bora"])
+    assert registry.info("bora")["description"] in notes and "magnitude row + column" in notes
+    assert "no magnitude vector" in notes and "**dora**" not in notes
     keys = {s["key"] for s in handlers.option_specs()}
     assert "dora.detach_norm" in keys and not any(k.endswith((".rank", ".alpha")) for k in keys)
 

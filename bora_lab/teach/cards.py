@@ -64,7 +64,7 @@ def model_tensors(model, name: str, rank: int = 8, alpha: float = 16.0, **option
     """What a model-level method adds or unfreezes, with layer indices folded (``layer.*.adapter``).
 
     ``model`` is a skeleton (:func:`bora_lab.teach.skeleton.skeleton`); it is copied, not changed.
-    Task-head parameters (trained with every method) are left out.
+    Task-head parameters (trained with every method) come last, with role ``"task head"``.
     """
     import copy
 
@@ -76,13 +76,14 @@ def model_tensors(model, name: str, rank: int = 8, alpha: float = 16.0, **option
     heads = tuple(h + "." for h in head_module_names(work))
     rows: dict[str, dict[str, Any]] = {}
     for pname, p in work.named_parameters():
-        if not p.requires_grad or pname.startswith(heads):
+        if not p.requires_grad:
             continue
         key = _INDEX.sub(".*.", pname)
+        role = "task head" if pname.startswith(heads) else "trainable"
         row = rows.setdefault(key, {"name": key, "shape": list(p.shape), "numel": p.numel(), "trainable": True,
-                                    "role": "trainable", "dtype": str(p.dtype).replace("torch.", ""), "count": 0})
+                                    "role": role, "dtype": str(p.dtype).replace("torch.", ""), "count": 0})
         row["count"] += 1
-    return list(rows.values())
+    return sorted(rows.values(), key=lambda r: r["role"] == "task head")
 
 
 def forward_source(name: str) -> dict[str, str]:

@@ -35,15 +35,15 @@ MAX_BYTES = 64 * 1024  # a lesson is a few KB; refuse anything big before parsin
 MAX_TEXT = 5000
 REQUIRED = ("id", "title", "summary", "predict", "look_for", "settings", "view")
 OPTIONAL = ("observed", "schema_version")
-VIEWS: dict[str, str] = {
-    "loss": "Compare tab: the training-loss plot",
-    "metric": "Compare tab: the evaluation-metric plot",
-    "md": "Compare tab: ΔM / ΔD row-wise and column-wise (BoRA figures 2 and 3)",
-    "scatter": "Compare tab: DoRA figure 2, ΔM vs ΔD per layer and checkpoint (slope in the legend)",
-    "table": "Compare tab: the results table (trainable parameters, metric, peak memory, step time)",
-    "inside": "Inside a layer tab: W0, ΔW, row/column norms and the singular values of ΔW",
-    "cards": "Method cards tab",
-    "memory": "Memory tab: the estimate next to the measured peak",
+VIEWS: dict[str, str] = {  # where to look after the run (shown as "look at <text>")
+    "loss": "the training-loss plot (Compare tab)",
+    "metric": "the evaluation-metric plot (Compare tab)",
+    "md": "the ΔM / ΔD plot, row-wise and column-wise (Compare tab; BoRA figures 2 and 3)",
+    "scatter": "the DoRA figure 2 plot, ΔM vs ΔD per layer and checkpoint (Compare tab)",
+    "table": "the results table (Compare tab)",
+    "inside": "the Inside a layer tab (W0, ΔW, row/column norms, singular values of ΔW)",
+    "cards": "the Method cards tab",
+    "memory": "the Memory tab (estimate next to the measured peak)",
 }
 _ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _METHOD = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -175,7 +175,7 @@ def load_lesson(path_or_str: str | Path | dict) -> dict[str, Any]:
     """
     if isinstance(path_or_str, dict):
         return validate_lesson(path_or_str)
-    if isinstance(path_or_str, str) and path_or_str.lstrip().startswith("{"):
+    if isinstance(path_or_str, str) and path_or_str.lstrip().startswith(("{", "[")):
         return parse_lesson(path_or_str)
     path = Path(path_or_str)
     try:

@@ -149,7 +149,8 @@ def estimate_memory(model: ModelSpec | str = "minilm", method: str = "lora", ran
                     gradient_checkpointing: bool = False, *, alpha: float = 16.0, adapter_precision: str | None = None,
                     grad_precision: str | None = None, trainable_params: int | None = None,
                     target_modules: list[str] | None = None, double_quant: bool = True, blocksize: int = 64,
-                    flash_attention: bool = False, options: dict[str, Any] | None = None) -> dict[str, Any]:
+                    flash_attention: bool = False, compute_precision: str | None = None,
+                    options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Estimate the training memory of ``method`` on ``model``.
 
     Args:
@@ -165,6 +166,8 @@ def estimate_memory(model: ModelSpec | str = "minilm", method: str = "lora", ran
             e.g. the lecture's "0.6% of 8B".
         double_quant, blocksize: NF4 constants (QLoRA: on, 64).
         flash_attention: no stored attention scores.
+        compute_precision: precision of the activations; default fp32 for an fp32 model, else bf16
+            (BoRA Lab's trainer: fp32 on CPU, bf16 autocast on CUDA).
 
     Returns:
         ``{"components": {name: bytes}, "total", "params", "per_trainable_bytes", "per_trainable_total",
@@ -177,7 +180,9 @@ def estimate_memory(model: ModelSpec | str = "minilm", method: str = "lora", ran
     train_prec = "fp32" if precision == "fp32" else "bf16"
     adapter_precision = adapter_precision or train_prec
     grad_precision = grad_precision or adapter_precision
+    compute_precision = compute_precision or train_prec
     _check("adapter precision", adapter_precision, TRAIN_PRECISIONS)
+    _check("compute precision", compute_precision, TRAIN_PRECISIONS)
     _check("gradient precision", grad_precision, TRAIN_PRECISIONS)
     if min(batch_size, seq_len, rank) < 1:
         raise ValueError("batch size, sequence length and rank must be at least 1")
@@ -208,8 +213,7 @@ def estimate_memory(model: ModelSpec | str = "minilm", method: str = "lora", ran
         "gradients": trainable * PRECISION_BYTES[grad_precision],
         "optimizer": trainable * opt_b,
     }
-    act = activation_bytes(spec, batch_size, seq_len, "fp32" if precision == "fp32" else "bf16",
-                           gradient_checkpointing, flash_attention)
+    act = activation_bytes(spec, batch_size, seq_len, compute_precision, gradient_checkpointing, flash_attention)
     comp["activations"] = act["total"]
     # The lecture's per-trainable-parameter bill: the frozen weight the adapter sits on (only when
     # the method adds tensors), the trainable weight itself, its gradient and its optimizer states.
@@ -235,6 +239,7 @@ def estimate_memory(model: ModelSpec | str = "minilm", method: str = "lora", ran
         "inputs": {"method": method, "rank": rank, "precision": precision, "batch_size": batch_size,
                    "seq_len": seq_len, "optimizer": optimizer, "gradient_checkpointing": gradient_checkpointing,
                    "adapter_precision": adapter_precision, "grad_precision": grad_precision,
+                   "compute_precision": compute_precision,
                    "flash_attention": flash_attention, "double_quant": double_quant},
         "model": spec.to_dict(),
     }

@@ -26,17 +26,40 @@ _NAMES = {"lr": "learning rate", "alpha": "alpha (LoRA scaling)", "num_layers": 
 # ---------------------------------------------------------------------------------------------
 # The registry, as the widgets show it
 # ---------------------------------------------------------------------------------------------
+_AXIS_TAGS = {"none": "", "row (per output feature)": "row", "column (per input feature)": "col",
+              "row + column": "row+col"}
+
+
+def axis_tag(name: str) -> str:
+    """Short tag of the axis a method's magnitude lives on: ``"row"``, ``"col"``, ``"row+col"`` or ``""``."""
+    axis = registry.info(name)["magnitude_axis"]
+    return _AXIS_TAGS.get(axis, axis)
+
+
 def method_label(name: str) -> str:
-    """One line for the methods checkbox: name, description and the axis its magnitude lives on."""
-    info = registry.info(name)
-    axis = info["magnitude_axis"]
-    axis = "no magnitude vector" if axis == "none" else f"magnitude: {axis}"
-    return f"{name}: {info['description']} [{axis}]"
+    """Checkbox label: the name, and the axis of its magnitude in brackets (``"dora (row)"``)."""
+    tag = axis_tag(name)
+    return f"{name} ({tag})" if tag else name
 
 
 def method_choices() -> list[tuple[str, str]]:
     """``(label, name)`` pairs for every registered method, in registration order."""
     return [(method_label(m), m) for m in registry.available()]
+
+
+def method_line(name: str) -> str:
+    """One Markdown line: name, one-line description and the axis its magnitude lives on."""
+    info = registry.info(name)
+    axis = "no magnitude vector" if info["magnitude_axis"] == "none" else f"magnitude {info['magnitude_axis']}"
+    return f"**{name}**: {info['description']} · *{axis}*"
+
+
+def method_notes(selected: list[str] | None) -> str:
+    """What the selected methods do (shown under the checkboxes)."""
+    known = [m for m in (selected or []) if m in registry.METHODS]
+    if not known:
+        return "*Select at least one method.*"
+    return "\n".join(f"- {method_line(m)}" for m in known)
 
 
 def option_specs() -> list[dict[str, Any]]:
@@ -53,6 +76,19 @@ def option_specs() -> list[dict[str, Any]]:
                 continue
             specs.append({**f, "key": f"{method}{OPTION_SEP}{f['name']}", "method": method})
     return specs
+
+
+def option_methods() -> list[str]:
+    """Methods that have options of their own, in registration order (one widget group each)."""
+    return list(dict.fromkeys(s["method"] for s in option_specs()))
+
+
+def methods_changed(selected: list[str] | None) -> tuple:
+    """The methods checkbox changed: new notes, and show the option groups of the selected methods."""
+    import gradio as gr
+
+    chosen = set(selected or [])
+    return (method_notes(selected), *(gr.update(visible=m in chosen) for m in option_methods()))
 
 
 def input_keys() -> list[str]:
@@ -230,12 +266,23 @@ def stale_plots(events) -> set[str]:
 
 
 def table_frame(results: dict[str, Any]):
-    """The results table as a ``pandas.DataFrame`` (one row per run; empty before any run)."""
+    """The results table as a ``pandas.DataFrame`` (one row per run; only the headers before any run)."""
     import pandas as pd
 
     from bora_lab.plots import figures
 
-    return pd.DataFrame(figures.results_table(results))
+    rows = figures.results_table(results)
+    if rows:
+        return pd.DataFrame(rows)
+    from bora_lab.train.results import new_run_entry
+
+    headers = figures.results_table({**results, "runs": [new_run_entry("lora-r8", "lora", 8)]})[0]
+    return pd.DataFrame(columns=list(headers))
+
+
+def empty_plots() -> dict[str, Any]:
+    """What the plots and the table show before the first run (titles, axes, "no data yet")."""
+    return render_plots({"runs": [], "task": {}}, PLOTS)
 
 
 def render_plots(results: dict[str, Any], names, md_view: str = "from_start") -> dict[str, Any]:
@@ -318,6 +365,11 @@ def task_default_keys() -> list[str]:
 
     keys = {k for spec in TASKS.values() for k in spec.defaults}
     return [k for k in RUN_FIELDS if k in keys]
+
+
+def task_changed(task: str, base: RunConfig | None = None) -> tuple:
+    """The task dropdown changed: values for :func:`task_default_keys`, in that order."""
+    return tuple(task_values(task, base).values())
 
 
 def task_values(task: str, base: RunConfig | None = None) -> dict[str, Any]:

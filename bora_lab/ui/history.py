@@ -164,14 +164,16 @@ def build_tab(session: gr.State) -> tuple[list, list]:
                              elem_id="bl-history-pick", scale=3)
         open_btn = gr.Button("Open", variant="primary", scale=1, elem_id="bl-history-open")
         upload = gr.File(label="…or open a results.json", file_types=[".json"], scale=2, height=90)
-    status = gr.Markdown()
+    status = gr.Markdown(elem_id="bl-history-status")
+    empty = handlers.empty_plots()
     with gr.Row(equal_height=True):
-        loss = gr.Plot(label="Training loss")
-        metric = gr.Plot(label="Evaluation metric")
+        loss = gr.Plot(empty["loss"], label="Training loss", show_label=False)
+        metric = gr.Plot(empty["metric"], label="Evaluation metric", show_label=False)
     view = gr.Radio(list(handlers.MD_VIEWS), value=list(handlers.MD_VIEWS)[0], label="ΔM / ΔD view")
-    md = gr.Plot(label="Magnitude and direction changes")
-    scatter = gr.Plot(label="DoRA figure 2: ΔM vs ΔD per layer and checkpoint")
-    table = gr.Dataframe(label="Results", interactive=False, wrap=True)
+    md = gr.Plot(empty["md"], label="Magnitude and direction changes", show_label=False)
+    scatter = gr.Plot(empty["scatter"], label="DoRA figure 2", show_label=False)
+    table = gr.Dataframe(empty["table"], label="Results", interactive=False, wrap=False,
+                         elem_id="bl-history-table")
     files = gr.File(label="Downloads (results.json, CSV, standalone HTML plots)", file_count="multiple",
                     interactive=False)
     shown = [status, loss, metric, md, scatter, table]

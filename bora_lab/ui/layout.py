@@ -6,6 +6,7 @@ so a new method or a new config field needs no edit here.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import gradio as gr
 
 from bora_lab.config import RunConfig
+from bora_lab.methods import registry
 
 from . import handlers, history, live
 
@@ -27,7 +29,6 @@ CSS = """
 .bl-progress[data-state=stopped] .bl-progress-bar, .bl-progress[data-state=error] .bl-progress-bar
   {background: var(--error-text-color, #dc2626)}
 .bl-progress-text {font-size: var(--text-sm); margin-top: 4px; opacity: .85}
-#bl-methods label {width: 100%}
 """
 # Labels and hints of the RunConfig fields; fields not listed get a generic widget from their type.
 LABELS: dict[str, tuple[str, str]] = {
@@ -86,13 +87,13 @@ def _model_choices() -> list[tuple[str, str]]:
 def _widget(name: str, value: Any) -> gr.components.Component:
     """The component for one RunConfig field."""
     label, info = LABELS.get(name, (name.replace("_", " ").capitalize(), ""))
-    kw = {"label": label, "info": info or None, "value": value}
+    kw = {"label": label, "info": info or None, "value": value, "elem_id": f"bl-field-{name}"}
     if name == "model":
         return gr.Dropdown(_model_choices(), allow_custom_value=True, **kw)
     if name == "task":
         return gr.Dropdown(handlers.task_choices(), allow_custom_value=True, **kw)
     if name == "methods":
-        return gr.CheckboxGroup(handlers.method_choices(), elem_id="bl-methods", **kw)
+        return gr.CheckboxGroup(handlers.method_choices(), **{**kw, "elem_id": "bl-methods"})
     if name == "ranks":
         return gr.Dropdown(RANK_CHOICES, multiselect=True, allow_custom_value=True, **kw)
     if name == "device":
@@ -119,18 +120,34 @@ def _option_widget(spec: dict[str, Any]) -> gr.components.Component:
     return gr.Textbox(max_lines=1, **kw)
 
 
-def _settings(values: dict[str, Any]) -> dict[str, gr.components.Component]:
-    """The Compare tab's left column; returns ``{input key: component}``."""
+def _method_options(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, gr.Group]]:
+    """One group of option widgets per method (drawn from its config), shown while it is selected."""
+    widgets: dict[str, gr.components.Component] = {}
+    groups: dict[str, gr.Group] = {}
+    specs = handlers.option_specs()
+    with gr.Accordion("Method options", open=False):
+        gr.Markdown("Options of the selected methods (rank and alpha are set above).")
+        for method in dict.fromkeys(s["method"] for s in specs):
+            with gr.Group(visible=method in values["methods"]) as groups[method]:
+                for spec in (s for s in specs if s["method"] == method):
+                    widgets[spec["key"]] = _option_widget({**spec, "default": values[spec["key"]]})
+    return widgets, groups
+
+
+def _settings(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, gr.Group], gr.Markdown]:
+    """The Compare tab's left column: ``({input key: component}, option groups, method notes)``."""
     w: dict[str, gr.components.Component] = {}
+    for name in ("model", "task", "methods"):
+        w[name] = _widget(name, values[name])
+    notes = gr.Markdown(handlers.method_notes(values["methods"]), elem_id="bl-method-notes")
     with gr.Row():
-        for name in ("model", "task"):
+        for name in ("ranks", "alpha"):
             w[name] = _widget(name, values[name])
-    w["methods"] = _widget("methods", values["methods"])
     with gr.Row():
-        for name in ("ranks", "alpha", "lr"):
+        for name in ("lr", "steps"):
             w[name] = _widget(name, values[name])
     with gr.Row():
-        for name in ("steps", "batch_size", "seed"):
+        for name in ("batch_size", "seed"):
             w[name] = _widget(name, values[name])
     grouped = {n for fields in GROUPS.values() for n in fields}
     rest = [n for n in handlers.RUN_FIELDS if n not in grouped and n not in MAIN]
@@ -139,26 +156,28 @@ def _settings(values: dict[str, Any]) -> dict[str, gr.components.Component]:
             with gr.Accordion(title, open=False):
                 for name in fields:
                     w[name] = _widget(name, values[name])
-    with gr.Accordion("Method options", open=False):
-        for spec in handlers.option_specs():
-            w[spec["key"]] = _option_widget({**spec, "default": values[spec["key"]]})
-    return w
+    option_widgets, groups = _method_options(values)
+    w.update(option_widgets)
+    with gr.Accordion("All methods", open=False):
+        gr.Markdown("\n".join(f"- {handlers.method_line(m)}" for m in registry.available()))
+    return w, groups, notes
 
 
 def _plots() -> dict[str, gr.components.Component]:
     """The Compare tab's right column (status, progress, plots, table); returns ``{output: component}``."""
     out: dict[str, gr.components.Component] = {}
+    empty = handlers.empty_plots()
     out["status"] = gr.Markdown("Choose methods and ranks, then press **Run**.", elem_id="bl-status")
     out["progress"] = gr.HTML(handlers.progress_html(0, 0, state="idle"), elem_id="bl-progress")
     with gr.Row(equal_height=True):
-        out["loss"] = gr.Plot(label="Training loss", elem_id="bl-loss")
-        out["metric"] = gr.Plot(label="Evaluation metric", elem_id="bl-metric")
+        out["loss"] = gr.Plot(empty["loss"], label="Training loss", show_label=False, elem_id="bl-loss")
+        out["metric"] = gr.Plot(empty["metric"], label="Evaluation metric", show_label=False, elem_id="bl-metric")
     out["md_view"] = gr.Radio(list(handlers.MD_VIEWS), value=list(handlers.MD_VIEWS)[0], label="ΔM / ΔD view",
                               info="BoRA figures 2 and 3: change of magnitude (ΔM) and direction (ΔD), "
                               "row-wise and column-wise")
-    out["md"] = gr.Plot(label="Magnitude and direction changes", elem_id="bl-md")
-    out["scatter"] = gr.Plot(label="DoRA figure 2: ΔM vs ΔD per layer and checkpoint", elem_id="bl-scatter")
-    out["table"] = gr.Dataframe(label="Results", elem_id="bl-table", interactive=False, wrap=True)
+    out["md"] = gr.Plot(empty["md"], label="Magnitude and direction changes", show_label=False, elem_id="bl-md")
+    out["scatter"] = gr.Plot(empty["scatter"], label="DoRA figure 2", show_label=False, elem_id="bl-scatter")
+    out["table"] = gr.Dataframe(empty["table"], label="Results", elem_id="bl-table", interactive=False, wrap=False)
     return out
 
 
@@ -184,8 +203,8 @@ def build_demo(defaults: RunConfig | None = None) -> gr.Blocks:
         with gr.Tabs():
             with gr.Tab("Compare", id="compare"):
                 with gr.Row(equal_height=False):
-                    with gr.Column(scale=2, min_width=340):
-                        widgets = _settings(values)
+                    with gr.Column(scale=2, min_width=380):
+                        widgets, option_groups, method_notes = _settings(values)
                         with gr.Row():
                             run_btn = gr.Button("Run", variant="primary", elem_id="bl-run")
                             stop_btn = gr.Button("Stop", variant="stop", elem_id="bl-stop")
@@ -202,9 +221,12 @@ def build_demo(defaults: RunConfig | None = None) -> gr.Blocks:
                        show_progress="hidden")
         plots["md_view"].change(live.change_md_view, [session, plots["md_view"]], plots["md"],
                                 concurrency_limit=None, show_progress="hidden")
-        task_keys = handlers.task_default_keys()
-        widgets["task"].input(lambda task: tuple(handlers.task_values(task, base).values()), widgets["task"],
-                              [widgets[k] for k in task_keys], concurrency_limit=None, show_progress="hidden")
+        widgets["methods"].change(handlers.methods_changed, widgets["methods"],
+                                  [method_notes] + [option_groups[m] for m in handlers.option_methods()],
+                                  concurrency_limit=None, show_progress="hidden")
+        widgets["task"].input(functools.partial(handlers.task_changed, base=base), widgets["task"],
+                              [widgets[k] for k in handlers.task_default_keys()], concurrency_limit=None,
+                              show_progress="hidden")
         history_tab.select(history.list_runs, list_inputs, list_outputs, concurrency_limit=None)
     demo.queue(default_concurrency_limit=1)
     return demo

@@ -1,0 +1,166 @@
+"""End to end: the app in a subprocess, driven by headless Chromium (Playwright, system browser).
+
+Runs lora, dora and bora on the offline default task (MiniLM cut to 2 layers, a few steps), waits
+for the live plots and the results table to show the three runs, then starts a longer comparison,
+presses Stop, and checks that the partial results stay on the page and on disk. Screenshots go to
+the test's tmp folder; the last one is also copied to ``$BORA_SCREENSHOTS`` (default /tmp/bora_screens).
+
+Needs ``/usr/bin/chromium`` (Debian ``chromium``) and the ``playwright`` Python package; never
+``playwright install``. Skipped cleanly when either is missing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-quic", "--no-first-run", "--disable-sync"]
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"steps": 4, "num_layers": 2, "batch_size": 8, "max_length": 32, "eval_every": 2, "eval_samples": 32,
+        "analyze_every": 2, "ranks": [4]}
+RUNS = ("lora-r4", "dora-r4", "bora-r4")
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing (apt-get install chromium)"),
+]
+sync_api = pytest.importorskip("playwright.sync_api")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    """``python app.py`` on a free port of 127.0.0.1, with tiny defaults and a private runs folder."""
+    tmp = tmp_path_factory.mktemp("app")
+    port = _free_port()
+    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
+           "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "BORA_LAB_RUNS": str(tmp / "runs"),
+           "BORA_LAB_DEFAULTS": json.dumps(TINY), "OMP_NUM_THREADS": "2"}
+    log = open(tmp / "app.log", "w")
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"the app did not start:\n{(tmp / 'app.log').read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield url, tmp
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        pg = browser.new_page(viewport={"width": 1600, "height": 1000})
+        pg.set_default_timeout(60_000)
+        pg.goto(app_url[0])
+        pg.wait_for_selector("#bl-run")
+        yield pg
+        browser.close()
+
+
+def _wait_status(page, pattern: str, timeout_s: float = 300) -> str:
+    deadline = time.monotonic() + timeout_s
+    text = ""
+    while time.monotonic() < deadline:
+        text = page.inner_text("#bl-status")
+        if re.search(pattern, text):
+            return text
+        if "Failed" in text:
+            pytest.fail(f"the comparison failed: {text}")
+        time.sleep(0.5)
+    pytest.fail(f"status never matched {pattern!r}; last: {text!r}")
+
+
+def _table_rows(page, table: str = "#bl-table") -> list[str]:
+    """Text of each body row of a Gradio 6 Dataframe (rows are ``div.virtual-row``)."""
+    return [r.inner_text() for r in page.locator(f"{table} .virtual-row").all()]
+
+
+def _shot(page, folder: Path, name: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def test_compare_three_methods_live_then_stop_keeps_partial_results(page, app_url):
+    shots = app_url[1] / "screenshots"
+    runs_dir = app_url[1] / "runs"
+    _shot(page, shots, "0_start")
+
+    page.click("#bl-run")
+    page.wait_for_function(  # live: the loss plot gains the three runs before the comparison ends
+        "() => document.querySelectorAll('#bl-loss .legendtext').length >= 3", timeout=240_000)
+    _shot(page, shots, "1_live")
+    _wait_status(page, r"Done")
+    legend = {t.text_content() for t in page.locator("#bl-loss .legendtext").all()}
+    assert set(RUNS) <= legend
+    assert page.locator("#bl-md .main-svg").count() >= 1 and page.locator("#bl-scatter .legendtext").count() >= 3
+    rows = _table_rows(page)
+    assert len(rows) == 3 and all(any(r in row for row in rows) for r in RUNS)
+    assert all("done" in row for row in rows)
+    _shot(page, shots, "2_done")
+
+    # A longer comparison, stopped part-way: the partial results stay on the page and on disk.
+    page.fill("#bl-field-steps input", "400")
+    page.click("#bl-run")
+    page.wait_for_function(
+        "() => /([3-9]|\\d\\d+) \\/ 1200 steps/.test(document.querySelector('#bl-progress').innerText)",
+        timeout=240_000)
+    page.click("#bl-stop")
+    status = _wait_status(page, r"Stopped", timeout_s=120)
+    assert "kept" in status
+    rows = _table_rows(page)
+    assert len(rows) == 3 and all("cancelled" in row for row in rows)
+    assert page.locator("#bl-loss .legendtext").count() >= 3
+    final = _shot(page, shots, "3_stopped")
+
+    saved = sorted(runs_dir.glob("*/results.json"))
+    assert len(saved) == 2
+    stopped = max((json.loads(p.read_text()) for p in saved), key=lambda r: r["config"]["steps"])
+    assert stopped["status"] == "cancelled"
+    assert 0 < len(stopped["runs"][0]["history"]) < 400
+
+    # History: both runs listed; open the stopped one.
+    page.get_by_role("tab", name="History").click()
+    page.wait_for_function("() => document.querySelectorAll('#bl-history-list .virtual-row').length >= 2")
+    page.click("#bl-history-open")
+    page.wait_for_function("() => /Showing/.test(document.querySelector('#bl-history-status').innerText)")
+    page.wait_for_function("() => document.querySelectorAll('#bl-history-table .virtual-row').length == 3")
+    assert all("cancelled" in row for row in _table_rows(page, "#bl-history-table"))
+    _shot(page, shots, "4_history")
+
+    out = Path(os.environ.get("BORA_SCREENSHOTS", "/tmp/bora_screens"))
+    out.mkdir(parents=True, exist_ok=True)
+    for p in shots.glob("*.png"):
+        shutil.copy(p, out / p.name)
+    assert final.stat().st_size > 10_000
