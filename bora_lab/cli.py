@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--layers", type=_ints, help="comma-separated layer indices to analyse (default all)")
     add("--device", choices=["auto", "cpu", "cuda", "mps"])
     add("--num-layers", type=int, help="keep only the first N transformer layers")
+    add("--num-threads", type=int, help="torch CPU threads (default: auto, fewer when the CPU is busy)")
     add("--text-column")
     add("--label-column")
     add("--method-option", action="append", default=[], metavar="METHOD.OPTION=VALUE",
@@ -182,7 +183,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     cols = list(rows[0])
     text = [[cell(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(t[i]) for t in text)) for i, c in enumerate(cols)]
-    fmt = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))  # noqa: E731
+    fmt = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))
     return "\n".join([fmt(cols), fmt(["-" * w for w in widths]), *(fmt(t) for t in text)])
 
 
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("\naborted\n")
         return EXIT_CANCELLED
-    except Exception as err:  # noqa: BLE001 - a bug: still one line (BORA_LAB_DEBUG=1 shows the traceback)
+    except Exception as err:
         if os.environ.get("BORA_LAB_DEBUG"):
             raise
         sys.stderr.write(f"error: {type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}\n")

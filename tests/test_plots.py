@@ -7,8 +7,16 @@ import plotly.graph_objects as go
 import pytest
 
 from bora_lab.config import RunConfig
-from bora_lab.plots import (all_figures, dora_scatter_figure, loss_figure, md_figure, method_color, metric_figure,
-                            results_table, save_html)
+from bora_lab.plots import (
+    all_figures,
+    dora_scatter_figure,
+    loss_figure,
+    md_figure,
+    method_color,
+    metric_figure,
+    results_table,
+    save_html,
+)
 from bora_lab.train.results import ResultsAccumulator
 from bora_lab.train.trainer import compare
 

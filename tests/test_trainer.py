@@ -23,7 +23,7 @@ QUERY = [f"bert.encoder.layer.{i}.attention.self.query" for i in range(2)]
 def tiny(**kw) -> RunConfig:
     """MiniLM cut to 2 layers, a few steps of 4 short examples: seconds on 2 CPU cores."""
     base = dict(methods=["lora", "dora", "bora"], ranks=[4], num_layers=2, steps=4, batch_size=4, max_length=32,
-                eval_samples=16, eval_every=2, analyze_every=2)
+                eval_samples=16, eval_every=2, analyze_every=2, num_threads=1)  # fixed threads: same numerics
     return RunConfig(**{**base, **kw})
 
 

@@ -201,7 +201,7 @@ def test_error_messages_are_one_line_and_suggest_a_fix():
 
     oom = handlers.error_message(OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\ntrace"), "cuda")
     assert "smaller batch size" in oom and "rank" in oom and "\n" not in oom
-    assert handlers.error_message(ValueError("unknown model 'x' (offline)\nmore")) == "unknown model 'x' (offline)"
+    assert handlers.error_message(ValueError("unknown model 'x' (offline)\nmore")) == "Unknown model 'x' (offline)"
     assert handlers.error_message(RuntimeError("boom")) == "RuntimeError: boom"
 
 

@@ -12,8 +12,9 @@ import html
 import math
 import statistics
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -178,7 +179,7 @@ def dora_scatter_figure(results: dict, axis: str = "row") -> go.Figure:
                for s in run["analysis"] if s.get("prev_step") is not None for i, m in enumerate(s["modules"])]
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
         fit = _fit(xs, ys)
-        fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
+        fmt = lambda v, f: "n/a" if v is None else format(v, f)
         name = f"{run['run_id']}: slope {fmt(fit['slope'], '.3g')}, r {fmt(fit['pearson_r'], '.2f')}"
         color = method_color(run["method"])
         fig.add_scatter(x=xs, y=ys, mode="markers", name=name, legendgroup=run["run_id"],

@@ -28,4 +28,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["RunConfig", *_LAZY]
+__all__ = ["RunConfig", *list(_LAZY)]  # noqa: PLE0604

@@ -32,7 +32,7 @@ def new_run_entry(run_id: str, method: str, rank: int) -> dict[str, Any]:
     """An empty per-run record (see the schema)."""
     return {"run_id": run_id, "method": method, "rank": rank, "status": "pending", "error": None,
             "trainable_params": None, "total_params": None, "trainable_pct": None, "magnitude_axis": None,
-            "device": None, "analysed_modules": [], "history": [], "eval": [], "analysis": [],
+            "device": None, "target_modules": [], "analysed_modules": [], "history": [], "eval": [], "analysis": [],
             "median_step_s": None, "peak_mem_mb": None, "summary": {}}
 
 
@@ -87,7 +87,8 @@ class ResultsAccumulator:
             entry.update(status="running", trainable_params=_get(ev, "trainable_params"),
                          total_params=_get(ev, "total_params"), device=_get(ev, "device"),
                          analysed_modules=list(_get(ev, "analysed_modules") or []),
-                         trainable_pct=info.get("trainable_pct"), magnitude_axis=info.get("magnitude_axis"))
+                         trainable_pct=info.get("trainable_pct"), magnitude_axis=info.get("magnitude_axis"),
+                         target_modules=list(info.get("target_modules") or []))
             if info.get("task"):
                 self.results["task"] = info["task"]
             self.results["device"] = _get(ev, "device")

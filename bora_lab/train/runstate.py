@@ -112,7 +112,7 @@ def select_analysed(model: nn.Module, module_type: str | None, layers: list[int]
     if module_type is None:
         found = wrapped
     else:
-        match = lambda n: n == module_type or n.endswith("." + module_type)  # noqa: E731
+        match = lambda n: n == module_type or n.endswith("." + module_type)
         found = [(n, m) for n, m in wrapped if match(n)] or [(n, m) for n, m in linear if match(n)]
         if not found:
             names = sorted({n.rsplit(".", 1)[-1] for n, _ in wrapped + linear})

@@ -65,6 +65,7 @@ RESULTS_SCHEMA = {
         "peak_mem_kind": {"enum": ["cuda_max_memory_allocated", "process_peak_rss", None]},
         "lockstep": {"type": "boolean"},
         "elapsed_s": _NUM,
+        "num_threads": _INT,
         "progress": {"type": ["object", "null"]},
         "runs": {"type": "array", "items": RUN_SCHEMA},
     },

@@ -13,8 +13,9 @@ splits with a ``text`` column (plus ``text_pair`` for sentence pairs) and a ``la
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from ..config import RunConfig
 from . import metrics as M
@@ -23,8 +24,10 @@ KINDS = ("classification", "regression", "causal_lm", "synthetic")
 # RunConfig values that suit the synthetic weight-recovery tasks (they run in seconds).
 SYNTHETIC_DEFAULTS = {"model": "linear", "lr": 0.01, "steps": 600, "batch_size": 64, "eval_every": 50,
                       "analyze_every": 20, "warmup_ratio": 0.0, "grad_clip": 0.0}
-LM_DEFAULTS = {"model": "smollm2", "lr": 5e-4, "steps": 30, "batch_size": 4, "max_length": 128,
-               "eval_every": 10, "eval_samples": 32, "analyze_every": 5}
+LM_DEFAULTS = {"model": "smollm2", "lr": 5e-4, "steps": 20, "batch_size": 4, "max_length": 128,
+               "eval_every": 10, "eval_samples": 16, "analyze_every": 5}
+# Sentence(-pair) benchmarks need longer inputs than the fine_foods demo default.
+GLUE_DEFAULTS = {"batch_size": 16, "max_length": 128, "eval_samples": 1000, "steps": 500, "eval_every": 100}
 
 
 @dataclass
@@ -128,7 +131,8 @@ def _fine_foods(cfg: RunConfig) -> Task:
 
 
 @register_task("austen_books", "classification",
-               "Jane Austen: which of the six novels is this paragraph from? (offline)")
+               "Jane Austen: which of the six novels is this paragraph from? (offline)",
+               defaults={"max_length": 96, "batch_size": 16, "steps": 300})
 def _austen_books(cfg: RunConfig) -> Task:
     from ..data import AUSTEN_BOOKS, load_austen_books
 
@@ -182,7 +186,8 @@ def _glue(short: str) -> None:
     kind = "regression" if n == 1 else "classification"
     name = f"glue/{short}"
 
-    @register_task(name, kind, f"GLUE {short.upper()} ({primary}; needs the Hugging Face hub)", online=True)
+    @register_task(name, kind, f"GLUE {short.upper()} ({primary}; needs the Hugging Face hub)", online=True,
+                   defaults=GLUE_DEFAULTS)
     def loader(cfg: RunConfig) -> Task:
         ds = _load_hub_dataset("nyu-mll/glue", short, name)
         mapping = {cols[0]: "text", **({cols[1]: "text_pair"} if len(cols) > 1 else {})}

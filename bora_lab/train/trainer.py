@@ -12,6 +12,13 @@ identical dropout RNG stream. Runs advance in lockstep (round-robin, one step ea
 grow together; when the copies would not fit in memory (or ``cfg.lockstep`` is False) they run one
 after another, which gives the same numbers.
 
+Threads (CPU): ``cfg.num_threads`` if set; else the pipeline's choice (the synthetic tasks use one
+thread: their 64x48 matmuls run several times faster than on two); else torch's default, lowered to
+the cores left idle by other processes (1-minute load average), because torch's threads wait on
+each other at every operation and a busy CPU makes them stall (measured here: SmolLM2 steps took
+80 s on 2 threads beside other jobs, 8 s on 1). The previous count is restored when the generator
+finishes or is closed.
+
 Errors: config problems that concern the whole comparison (unknown task, method, option or
 model, analysis module not found, device unavailable) raise ``ValueError`` with one line before any
 training. Per-run problems (a rank too large, NaN loss, out of memory) yield ``RunError`` for that
@@ -22,15 +29,15 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
 from .. import methods
 from ..config import RunConfig
-from .events import (Analysis, Cancelled, ComparisonDone, Eval, Event, Progress, RunError, RunFinished, RunStarted,
-                     Step)
+from .events import Analysis, Cancelled, ComparisonDone, Eval, Event, Progress, RunError, RunFinished, RunStarted, Step
 from .pipeline import Pipeline, make_pipeline
 from .results import ResultsAccumulator, save_results, summarize
 from .runstate import PEAK_MEM_KIND, NonFiniteLoss, RunState, describe_error, pick_device, select_analysed
@@ -129,12 +136,27 @@ def compare(cfg: RunConfig, cancel: threading.Event | None = None) -> Iterator[E
     ctx.acc.results["lockstep"] = lockstep
     alive = {rid: _drive(ctx, rid, m, r) for rid, m, r in specs}
     threads = torch.get_num_threads()
-    if pipeline.num_threads:
-        torch.set_num_threads(pipeline.num_threads)
+    if device.type == "cpu":
+        torch.set_num_threads(_cpu_threads(cfg, pipeline))
+    ctx.acc.results["num_threads"] = torch.get_num_threads() if device.type == "cpu" else None
     try:
         yield from _schedule(ctx, alive, cancel)
     finally:
         torch.set_num_threads(threads)
+
+
+def _cpu_threads(cfg: RunConfig, pipeline: Pipeline) -> int:
+    """Torch CPU threads for training (see the module docstring)."""
+    if cfg.num_threads:
+        return cfg.num_threads
+    if pipeline.num_threads:
+        return pipeline.num_threads
+    current = torch.get_num_threads()
+    try:
+        idle = (os.cpu_count() or current) - os.getloadavg()[0]
+    except OSError:  # no load average on this platform
+        return current
+    return max(1, min(current, round(idle)))
 
 
 def _schedule(ctx: _Context, alive: dict[str, Iterator], cancel: threading.Event | None) -> Iterator[Event]:

@@ -339,7 +339,7 @@ def error_message(err: BaseException, device: str = "") -> str:
         return (f"Out of memory{where}: try a smaller batch size, a smaller rank, fewer layers "
                 "(advanced settings) or fewer methods at once.")
     if isinstance(err, (ValueError, KeyError, FileNotFoundError, LookupError, TypeError)):
-        return text[:400]
+        return (text[:1].upper() + text[1:])[:400]
     return f"{type(err).__name__}: {text}"[:400]
 
 

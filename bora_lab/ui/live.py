@@ -81,6 +81,7 @@ class Job:
     saved: bool = False
     save_error: str | None = None
     started_at: float = field(default_factory=time.monotonic)
+    render_s: float = 0.0  # time the page thread spent drawing frames (benchmarks/ui_overhead.py)
 
     def start(self) -> "Job":
         from bora_lab.train.results import ResultsAccumulator
@@ -101,8 +102,11 @@ class Job:
                     if ev.kind == "comparison_done":
                         self.final = ev.results
                 self.events.put(ev)
-        except Exception as err:  # the page shows one line; the log keeps the traceback
-            log.exception("comparison failed")
+        except Exception as err:  # the page shows one line; the log keeps the traceback of a bug
+            if isinstance(err, ValueError):  # a bad model/task/option: the trainer's one-line message
+                log.info("comparison refused: %s", err)
+            else:
+                log.exception("comparison failed")
             self.error = handlers.error_message(err, ", ".join(sorted(self.devices)))
         finally:
             self._save()
@@ -165,12 +169,13 @@ def _status(job: Job, state: str) -> str:
     runs = ", ".join(cfg.run_ids())
     device = "/".join(sorted(job.devices)) or cfg.device
     p = job.progress
+    failed = f" ({len(job.run_errors)} of {len(cfg.run_ids())} runs failed)" if job.run_errors else ""
     head = {
         "loading": f"**Loading** `{cfg.model}` and `{cfg.task}` for {runs}…",
         "running": f"**Training** {runs} on `{cfg.task}` with `{cfg.model}` ({device})",
-        "done": f"**Done**: {runs} in {handlers.fmt_duration(time.monotonic() - job.started_at)}",
-        "stopped": (f"**Stopped** at step {p.done_steps if p else 0} of {p.total_steps if p else '?'}: "
-                    "everything computed so far is shown and kept"),
+        "done": f"**Done**{failed}: {runs} in {handlers.fmt_duration(time.monotonic() - job.started_at)}",
+        "stopped": (f"**Stopped** after {p.done_steps if p else 0} of {p.total_steps if p else '?'} steps "
+                    "(all runs together): everything computed so far is shown and kept"),
         "error": f"**Failed**: {job.error}",
     }[state]
     lines = [head]
@@ -207,11 +212,19 @@ def render(job: Job, names, md_view: str) -> tuple:
     return (_status(job, state), _progress(job, state)) + tuple(plots.get(n, gr.skip()) for n in handlers.PLOTS)
 
 
+def _timed_render(job: Job, names, md_view: str) -> tuple[tuple, float]:
+    t0 = time.perf_counter()
+    out = render(job, names, md_view)
+    cost = time.perf_counter() - t0
+    job.render_s += cost
+    return out, cost
+
+
 def stream(job: Job, session: Session, poll_s: float = 0.2) -> Iterator[tuple]:
     """Yield output tuples while ``job`` trains, redrawing only stale plots, then a final full one."""
     stale: set[str] = set()
+    yield _timed_render(job, handlers.PLOTS, session.md_view)[0]
     last, interval = time.monotonic(), MIN_INTERVAL_S
-    yield render(job, handlers.PLOTS, session.md_view)
     while True:
         try:
             ev = job.events.get(timeout=poll_s)
@@ -223,15 +236,13 @@ def stream(job: Job, session: Session, poll_s: float = 0.2) -> Iterator[tuple]:
             job.note(ev)
             stale |= handlers.stale_plots([ev])
         if time.monotonic() - last >= interval:
-            t0 = time.perf_counter()
-            out = render(job, stale, session.md_view)
-            cost = time.perf_counter() - t0
+            out, cost = _timed_render(job, stale, session.md_view)
             stale.clear()
             last, interval = time.monotonic(), min(MAX_INTERVAL_S, max(MIN_INTERVAL_S, COST_RATIO * cost))
             yield out
     while not job.events.empty():  # events queued after _END cannot exist, but drain defensively
         job.note(job.events.get_nowait())
-    yield render(job, handlers.PLOTS, session.md_view)
+    yield _timed_render(job, handlers.PLOTS, session.md_view)[0]
     if job.error:
         raise gr.Error(job.error, print_exception=False)
 

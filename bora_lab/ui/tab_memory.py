@@ -22,7 +22,7 @@ PREC_CHOICES = ["auto", "fp32", "bf16"]
 LECTURE = {"source": "typed sizes", "name": "Llama-3-8B (lecture)", "params": 8e9, "layers": 32, "hidden": 4096, "vocab": 128256, "heads": 32,
            "kv_heads": 8, "method": "qlora", "rank": 16, "precision": "nf4", "optimizer": "adamw_8bit",
            "batch": 1, "seq": 512, "trainable": 48_000_000, "adapter_prec": "bf16", "grad_prec": "fp32"}
-PEAK_KIND = {"process_peak_rss": "measured peak: process RSS (CPU, includes PyTorch itself)",
+PEAK_KIND = {"process_peak_rss": "measured: process peak RSS (whole app process: PyTorch, data, runs side by side)",
              "cuda_max_memory_allocated": "measured peak: CUDA max_memory_allocated"}
 
 
