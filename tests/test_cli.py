@@ -122,3 +122,31 @@ def test_format_table():
     text = format_table([{"run": "lora-r8", "params": 12345, "loss": 0.123456, "x": None}])
     assert "12,345" in text and "0.1235" in text and " -" in text
     assert format_table([]) == "(no runs)"
+
+
+def test_ctrl_c_cancels_and_saves(tmp_path):
+    import signal
+    import threading
+    import time
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    args = ["--task", "synthetic_col", "--methods", "lora,bora", "--ranks", "2", "--steps", "20000", "--batch-size", "8",
+            "--no-html", "--out", str(tmp_path)]
+    proc = subprocess.Popen([sys.executable, "-m", "bora_lab", "compare", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = threading.Event()
+
+    def watch():  # the progress bar shows that training has started
+        while proc.stderr.read(1):
+            seen.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    assert seen.wait(90), "no progress within 90 s"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["status"] == "cancelled" and all(r["status"] == "cancelled" for r in results["runs"])
+    assert all(0 < len(r["history"]) < 20000 for r in results["runs"])
+    assert b"cancelled" in out

@@ -314,3 +314,17 @@ def test_run_writes_out_dir(tmp_path):
         assert (tmp_path / name).is_file()
     assert results["task"]["target_changes"]["proj"]["dM_col"] > 0
     assert methods.info("bora")["has_weight"]
+
+
+@pytest.mark.slow
+def test_decoder_trains_on_austen():
+    """SmolLM2 (cut to 2 layers) on the Austen causal-LM task: finite loss, perplexity, q_proj analysed."""
+    cfg = RunConfig(task="austen_lm", model="smollm2", methods=["lora", "bora"], ranks=[4], num_layers=2, steps=3,
+                    batch_size=2, max_length=32, eval_samples=4, eval_every=3, analyze_every=3, lr=5e-4,
+                    num_threads=1)
+    results = run(cfg)
+    for r in results["runs"]:
+        assert r["status"] == "done" and r["analysed_modules"] == [f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)]
+        ppl = r["eval"][-1]["metrics"]["perplexity"]  # 2 of 30 layers: a poor LM, but a finite one
+        assert 1 < ppl < float("inf") and r["summary"]["final_loss"] > 0
+    assert results["task"]["metric"] == "perplexity"

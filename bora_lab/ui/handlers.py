@@ -8,6 +8,7 @@ no parsing code here. No torch import: the trainer is reached only through ``bor
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Any
@@ -245,10 +246,12 @@ def config_from_ui(**values: Any) -> RunConfig:
 # ---------------------------------------------------------------------------------------------
 PLOTS = ("loss", "metric", "md", "scatter", "table")  # outputs drawn from the results dict
 MD_VIEWS = {"from the start (t vs 0)": "from_start", "step to step (t vs t-1)": "step_to_step"}
-# Which outputs an event makes stale (event ``kind`` -> plot names).
+# Which outputs an event makes stale (event ``kind`` -> plot names). A step does not redraw the
+# table (Gradio's table payload is the costliest output); analysis snapshots and evals, which come
+# every few steps, do.
 _STALE: dict[str, set[str]] = {
     "run_started": {"table"},
-    "step": {"loss", "table"},
+    "step": {"loss"},
     "eval": {"metric", "table"},
     "analysis": {"md", "scatter", "table"},
     "run_finished": set(PLOTS),
@@ -280,8 +283,10 @@ def table_frame(results: dict[str, Any]):
     return pd.DataFrame(columns=list(headers))
 
 
+@functools.lru_cache(maxsize=1)
 def empty_plots() -> dict[str, Any]:
-    """What the plots and the table show before the first run (titles, axes, "no data yet")."""
+    """What the plots and the table show before any data (titles, "no data yet"); built once, never
+    mutated (Gradio only serialises them), so every visitor can share them."""
     return render_plots({"runs": [], "task": {}}, PLOTS)
 
 

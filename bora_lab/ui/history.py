@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from . import handlers, live
 
 RESULTS_FILE = "results.json"
 DOWNLOAD_SUFFIXES = (".json", ".csv", ".html")
+LIST_COLUMNS = ["run folder", "saved", "model", "task", "runs", "steps", "state"]
 
 
 def shared_history_default() -> bool:
@@ -49,8 +51,8 @@ def run_folders(session: live.Session, show_all: bool, root: Path | None = None)
 
 def describe(folder: Path) -> dict[str, Any]:
     """One row of the run list: folder, date, model, task, runs, steps and state."""
-    row: dict[str, Any] = {"run folder": folder.name,
-                           "saved": time.strftime("%Y-%m-%d %H:%M", time.localtime((folder / RESULTS_FILE).stat().st_mtime))}
+    saved = time.localtime((folder / RESULTS_FILE).stat().st_mtime)
+    row: dict[str, Any] = {"run folder": folder.name, "saved": time.strftime("%Y-%m-%d %H:%M", saved)}
     try:
         results = json.loads((folder / RESULTS_FILE).read_text())
     except (OSError, ValueError) as err:
@@ -71,9 +73,15 @@ def list_runs(session: live.Session, show_all: bool):
     import pandas as pd
 
     folders = run_folders(session, show_all)
-    frame = pd.DataFrame([describe(f) for f in folders])
+    frame = pd.DataFrame([describe(f) for f in folders], columns=LIST_COLUMNS)
     choices = [f.name for f in folders]
-    return frame, gr.update(choices=choices, value=[c for c in choices[:1]])
+    return frame, gr.update(choices=choices, value=choices[:1])
+
+
+def short_label(folder_name: str) -> str:
+    """``"20261123-000228-fine_foods-lora"`` -> ``"20261123-000228"`` (legend names stay short)."""
+    match = re.match(r"\d{8}-\d{6}(?=-|$)", folder_name)
+    return match.group(0) if match else folder_name
 
 
 def merge_results(results: list[dict[str, Any]], labels: list[str]) -> dict[str, Any]:
@@ -120,7 +128,10 @@ def open_runs(session: live.Session, show_all: bool, names: list[str], view_labe
     if len(folders) != len(names):
         raise gr.Error("That run is not in your list any more; press Refresh.", print_exception=False)
     try:
-        results = merge_results([_load(f) for f in folders], [f.name for f in folders])
+        labels = [short_label(f.name) for f in folders]
+        if len(set(labels)) < len(labels):  # two runs saved in the same second
+            labels = [f.name for f in folders]
+        results = merge_results([_load(f) for f in folders], labels)
     except Exception as err:
         raise gr.Error(f"Could not open the run: {handlers.error_message(err)}", print_exception=False) from None
     session.history_results = results

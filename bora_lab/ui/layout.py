@@ -16,7 +16,7 @@ import gradio as gr
 from bora_lab.config import RunConfig
 from bora_lab.methods import registry
 
-from . import handlers, history, live
+from . import handlers, history, live, tab_cards, tab_lessons, tab_memory
 
 TITLE = "BoRA Lab"
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="teal", neutral_hue="slate")
@@ -188,7 +188,7 @@ def build_demo(defaults: RunConfig | None = None) -> gr.Blocks:
         defaults: initial widget values; default ``RunConfig()`` with ``$BORA_LAB_DEFAULTS`` applied.
 
     Returns:
-        The ``gr.Blocks``, with its queue configured (one training at a time across visitors).
+        The ``gr.Blocks``; one training runs at a time across visitors, the others wait in the queue.
     """
     base = defaults or default_config()
     values = handlers.ui_values(base)
@@ -212,6 +212,9 @@ def build_demo(defaults: RunConfig | None = None) -> gr.Blocks:
                         plots = _plots()
             with gr.Tab("History", id="history") as history_tab:
                 list_inputs, list_outputs = history.build_tab(session)
+            tab_lessons.build_lessons_tab(widgets)  # teaching views (issue 7): presets fill the Compare tab
+            tab_cards.build_cards_tab()
+            tab_memory.build_memory_tab(session)
         inputs = [session] + [widgets[k] for k in handlers.input_keys()]
         outputs = [plots[k] for k in live.OUTPUTS]
         run_evt = run_btn.click(live.run_comparison, inputs, outputs, concurrency_limit=1,
@@ -228,7 +231,8 @@ def build_demo(defaults: RunConfig | None = None) -> gr.Blocks:
                               [widgets[k] for k in handlers.task_default_keys()], concurrency_limit=None,
                               show_progress="hidden")
         history_tab.select(history.list_runs, list_inputs, list_outputs, concurrency_limit=None)
-    demo.queue(default_concurrency_limit=1)
+    # Training is limited to one at a time across all visitors by its own concurrency_limit=1 (Gradio's
+    # default_concurrency_limit is also 1); calling demo.queue() again would only rebuild the server app.
     return demo
 
 

@@ -43,15 +43,23 @@ def runs_dir() -> Path:
 
 
 def new_run_dir(cfg: RunConfig, root: Path | None = None) -> Path:
-    """A fresh folder name ``<root>/<YYYYmmdd-HHMMSS>-<task>-<methods>`` (not created yet)."""
+    """Create and return a fresh folder ``<root>/<YYYYmmdd-HHMMSS>-<task>-<methods>[-n]``.
+
+    Creating it reserves the name, so two visitors starting the same comparison in the same second
+    get different folders.
+    """
     root = root or runs_dir()
+    root.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{cfg.task}-{'-'.join(cfg.methods)}")[:60]
     base = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}"
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    return path
+    for n in range(1, 10_000):
+        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"cannot create a run folder next to {base}")
 
 
 def _default_compare(cfg: RunConfig, cancel: threading.Event):
@@ -99,8 +107,7 @@ class Job:
             for ev in self.compare_fn(self.cfg, self.cancel):
                 with self.lock:
                     self.acc.update(ev)
-                    if ev.kind == "comparison_done":
-                        self.final = ev.results
+                    self._record(ev)
                 self.events.put(ev)
         except Exception as err:  # the page shows one line; the log keeps the traceback of a bug
             if isinstance(err, ValueError):  # a bad model/task/option: the trainer's one-line message
@@ -114,16 +121,25 @@ class Job:
             self.events.put(_END)
 
     def results(self) -> dict[str, Any]:
-        """A private copy of the results so far (safe to draw while the worker keeps adding)."""
+        """A private copy of the results so far, safe to draw while the worker keeps adding.
+
+        The accumulator only appends new rows to a run's lists and never edits old rows, so copying
+        the dicts and the lists (not the rows) is enough, and costs microseconds, not a deep copy.
+        """
         with self.lock:
-            return copy.deepcopy(self.final if self.final is not None else self.acc.results)
+            res = self.final if self.final is not None else self.acc.results
+            runs = [{**run, **{k: list(run[k]) for k in ("history", "eval", "analysis") if k in run}}
+                    for run in res.get("runs", [])]
+            return {**copy.deepcopy({k: v for k, v in res.items() if k != "runs"}), "runs": runs}
 
     def _save(self) -> None:
         from bora_lab.train.results import save_results
 
         results = self.results()
         if all(run["status"] == "pending" for run in results.get("runs", [])):
-            return  # nothing trained (e.g. the model failed to load): no empty folder
+            if self.out_dir.is_dir() and not any(self.out_dir.iterdir()):
+                self.out_dir.rmdir()  # nothing trained (e.g. the model failed to load): no empty folder
+            return
         if results.get("status") == "running":  # the trainer raised before ComparisonDone
             results["status"], results["message"] = "error", self.error
         try:
@@ -133,17 +149,18 @@ class Job:
             log.exception("saving %s failed", self.out_dir)
             self.save_error = handlers.error_message(err)
 
-    def note(self, ev: Any) -> None:
-        """Record what the status line needs from one event (called by the page's thread)."""
+    def _record(self, ev: Any) -> None:
+        """Keep what the status line needs from one event (worker thread, under the lock)."""
         if ev.kind == "progress":
             self.progress = ev
         elif ev.kind == "run_started":
             self.devices.add(ev.device)
         elif ev.kind == "error":
             self.run_errors.append(f"{ev.run_id}: {ev.message}")
-            gr.Warning(f"{ev.run_id}: {ev.message}")
         elif ev.kind == "cancelled":
             self.cancelled = ev.message
+        elif ev.kind == "comparison_done":
+            self.final = ev.results
 
 
 class Session:
@@ -202,13 +219,19 @@ def _state(job: Job) -> str:
         return "running" if job.progress is not None else "loading"
     if job.error:
         return "error"
-    return "stopped" if job.cancel.is_set() or job.cancelled else "done"
+    return "stopped" if job.cancelled else "done"
 
 
-def render(job: Job, names, md_view: str) -> tuple:
-    """The run handler's outputs (see :data:`OUTPUTS`); plots not in ``names`` are skipped."""
+def render(job: Job, names, md_view: str, empty: bool = False) -> tuple:
+    """The run handler's outputs (see :data:`OUTPUTS`); plots not in ``names`` are skipped.
+
+    ``empty=True`` shows the blank plots (the first frame of a run, before any data).
+    """
     state = _state(job)
-    plots = handlers.render_plots(job.results(), names, md_view) if names else {}
+    if empty:
+        plots = handlers.empty_plots()
+    else:
+        plots = handlers.render_plots(job.results(), names, md_view) if names else {}
     return (_status(job, state), _progress(job, state)) + tuple(plots.get(n, gr.skip()) for n in handlers.PLOTS)
 
 
@@ -223,7 +246,8 @@ def _timed_render(job: Job, names, md_view: str) -> tuple[tuple, float]:
 def stream(job: Job, session: Session, poll_s: float = 0.2) -> Iterator[tuple]:
     """Yield output tuples while ``job`` trains, redrawing only stale plots, then a final full one."""
     stale: set[str] = set()
-    yield _timed_render(job, handlers.PLOTS, session.md_view)[0]
+    changed = False  # any event since the last frame (no event: nothing to redraw)
+    yield render(job, handlers.PLOTS, session.md_view, empty=True)  # clears the previous run's plots
     last, interval = time.monotonic(), MIN_INTERVAL_S
     while True:
         try:
@@ -233,15 +257,16 @@ def stream(job: Job, session: Session, poll_s: float = 0.2) -> Iterator[tuple]:
         if ev is _END:
             break
         if ev is not None:
-            job.note(ev)
+            if ev.kind == "error":  # a run stopped (NaN loss, out of memory, rank too large)
+                gr.Warning(f"{ev.run_id}: {ev.message}")
             stale |= handlers.stale_plots([ev])
-        if time.monotonic() - last >= interval:
+            changed = True
+        if changed and time.monotonic() - last >= interval:
             out, cost = _timed_render(job, stale, session.md_view)
             stale.clear()
+            changed = False
             last, interval = time.monotonic(), min(MAX_INTERVAL_S, max(MIN_INTERVAL_S, COST_RATIO * cost))
             yield out
-    while not job.events.empty():  # events queued after _END cannot exist, but drain defensively
-        job.note(job.events.get_nowait())
     yield _timed_render(job, handlers.PLOTS, session.md_view)[0]
     if job.error:
         raise gr.Error(job.error, print_exception=False)
@@ -280,10 +305,6 @@ def stop_comparison(session: Session) -> tuple:
     if not job.finished.wait(STOP_WAIT_S):
         gr.Warning("The trainer has not reached a step boundary yet; it will stop and save shortly.")
         return tuple(gr.skip() for _ in OUTPUTS)
-    while not job.events.empty():
-        ev = job.events.get_nowait()
-        if ev is not _END:
-            job.note(ev)
     return render(job, handlers.PLOTS, session.md_view)
 
 
