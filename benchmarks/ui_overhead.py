@@ -76,10 +76,15 @@ def main() -> None:
                     device="cpu")
     print(f"config: {cfg.model} / {cfg.task}, {', '.join(cfg.run_ids())}, {cfg.steps} steps, batch {cfg.batch_size}, "
           f"layers {cfg.num_layers or 'all'}")
+    trainer_only(RunConfig(**{**cfg.to_dict(), "steps": 1, "eval_every": 1, "eval_samples": 8}))  # warm caches
     plain, app, ui = [], [], []
     for i in range(args.repeat):
-        plain.append(trainer_only(cfg))
-        wall, ui_s, frames = with_app(cfg)
+        if i % 2:  # alternate the order, so a drift in machine load does not favour one side
+            wall, ui_s, frames = with_app(cfg)
+            plain.append(trainer_only(cfg))
+        else:
+            plain.append(trainer_only(cfg))
+            wall, ui_s, frames = with_app(cfg)
         app.append(wall)
         ui.append(ui_s)
         print(f"repeat {i + 1}: trainer {plain[-1]:.1f} s, app {wall:.1f} s ({frames} frames, "

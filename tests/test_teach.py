@@ -104,7 +104,7 @@ def test_lecture_qlora_arithmetic(llama8b):
     """Seed 001 'How does QLoRA reduce memory to 14GB?': 4 GB base, 8.5 B per trainable, 0.408 GB."""
     b = M.estimate_memory(llama8b, "lora", rank=16, precision="nf4", optimizer="adamw_8bit",
                           adapter_precision="bf16", grad_precision="fp32", trainable_params=48_000_000,
-                          batch_size=1, seq_len=512)
+                          batch_size=1, seq_len=512, quantize_all=True)  # the lecture quantises all 8 B
     assert b["details"]["weights_raw"] == pytest.approx(4.0e9)  # 8 billion x 0.5 bytes
     assert b["details"]["quant_constant_bits"] == pytest.approx(0.127, abs=1e-3)  # double quantisation
     assert b["components"]["weights"] == pytest.approx(8e9 * 4.127 / 8, rel=1e-3)
@@ -115,6 +115,17 @@ def test_lecture_qlora_arithmetic(llama8b):
     assert 4e9 < training < 5e9  # "about 4-5 GB (depending on the number of trainable parameters)"
     no_dq = M.estimate_memory(llama8b, "lora", precision="nf4", trainable_params=48_000_000, double_quant=False)
     assert no_dq["details"]["quant_constant_bits"] == pytest.approx(0.5)  # 32/64 bits before double quant
+
+
+def test_realistic_nf4_keeps_embeddings_in_16_bit():
+    """bitsandbytes-style: only the blocks' Linear weights in NF4; Llama-3-8B loads in about 5.7 GB."""
+    spec = M.spec_from_sizes(8_030_261_248, 32, 4096, 128256, n_heads=32, n_kv_heads=8)
+    b = M.estimate_memory(spec, "lora", rank=16, precision="nf4", batch_size=1, seq_len=1)
+    linear = 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336)
+    assert b["details"]["quantized_params"] == linear
+    rest = 8_030_261_248 - linear
+    assert b["components"]["weights"] == pytest.approx(linear * (4 + 0.126953125) / 8 + rest * 2)
+    assert 5.6e9 < b["components"]["weights"] < 5.8e9
 
 
 def test_lecture_full_finetuning_arithmetic(llama8b):
@@ -217,6 +228,7 @@ def _lesson(**changes):
     (json.dumps(_lesson(settings={"ranks": [0]})), r"'settings' is invalid: ranks must be positive"),
     (json.dumps(_lesson(settings={"methods": ["Bad Name"]})), r"'settings.methods\[0\]' .* is not a method name"),
     (json.dumps(_lesson(view="3d")), r"'view' = '3d' is not one of"),
+    (json.dumps(_lesson(settings={"method_options": {"dora": 1}})), r"'settings.method_options.dora' must be an object"),
     (json.dumps(_lesson(id="../etc/passwd")), r"'id' = '../etc/passwd' must be"),
     (json.dumps(_lesson(title=7)), r"'title' must be a string"),
     ('{"id": NaN}', "NaN"),
@@ -268,8 +280,8 @@ def test_tabs_build_and_fill_compare_widgets():
     md, fig, table = render_card("dora", "minilm", "bert.encoder.layer.*.intermediate.dense|384|1536", "8")
     assert "per output feature" in md and isinstance(fig, go.Figure) and len(table) == len(registry.available())
     assert render_card("lora", "minilm", None, "0")[0].startswith("**Cannot")
-    fig, rows, notes = estimate("typed sizes", "", 0, "Llama-3-8B", 8e9, 32, 4096, 128256, 32, 8, "lora", 16, "nf4", "adamw_8bit",
-                                1, 512, False, False, 48e6, "bf16", "fp32", "auto", 0, "")
+    fig, rows, notes = estimate("typed sizes", "", 0, "Llama-3-8B", 8e9, 32, 4096, 128256, 32, 8, "lora", 16, "nf4",
+                                "adamw_8bit", 1, 512, False, False, 48e6, "bf16", "fp32", "auto", True, 0, "")
     assert isinstance(fig, go.Figure) and rows[-1][0] == "total" and "8.5 B" in notes
     assert math.isclose(rows[0][1], 4.127, rel_tol=1e-3)  # weights, GB
 

@@ -24,6 +24,7 @@ from .budget import (
     PrunableDiagonal,
     Sensitivity,
     allocator_for,
+    budget_report,
     gaussian_,
     orth_penalty,
     rank_history,
@@ -100,6 +101,10 @@ class AdaLoRALinear(AdapterLinear):
     def remaining_rank(self) -> int:
         """Number of singular values not pruned."""
         return self.lora_E.remaining()
+
+    def inspect(self) -> dict:
+        """Adds ``budget``: initial and remaining rank and the rank history (:func:`budget.budget_report`)."""
+        return {**super().inspect(), "budget": budget_report(self)}
 
     @property
     def rank_history(self) -> list[tuple[int, int]]:

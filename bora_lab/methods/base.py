@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +91,16 @@ class AdapterLinear(nn.Module, metaclass=ABCMeta):
     def magnitudes(self) -> dict[str, Tensor]:
         """The method's magnitude vectors, e.g. ``{"m_r": [out]}``; empty if it has none."""
         return {}
+
+    @torch.no_grad()
+    def inspect(self) -> dict[str, Any]:
+        """What the "Inside a layer" view shows besides ``W``: plain JSON-ready lists and numbers.
+
+        Returns ``{"rank": chosen rank or None, "magnitudes": {"m_r": [out], ...}}``; methods add
+        their own keys (SBoRA ``touched``, MoRA ``mora``, QLoRA ``nf4``, LoRA2/AdaLoRA ``budget``).
+        """
+        mags = {k: v.detach().float().cpu().tolist() for k, v in self.magnitudes().items()}
+        return {"rank": self.cfg.rank if self.uses_rank else None, "magnitudes": mags}
 
     # -- shared machinery ----------------------------------------------------------------------
     @property

@@ -288,6 +288,17 @@ def rank_history(model: nn.Module) -> dict[str, list[tuple[int, int]]]:
             if isinstance(getattr(m, "lora_E", None), PrunableDiagonal)}
 
 
+def budget_report(layer: nn.Module) -> dict:
+    """``inspect()`` data of a pruning layer: initial and remaining rank, and the rank history
+    reduced to the steps where it changed (plus the last one), as ``[[step, rank], ...]``."""
+    history = layer.lora_E.history
+    changes = [[s, r] for k, (s, r) in enumerate(history) if k == 0 or r != history[k - 1][1]]
+    if history and changes[-1][0] != history[-1][0]:
+        changes.append(list(history[-1]))
+    return {"initial_rank": layer.lora_E.weight.numel(), "remaining_rank": layer.lora_E.remaining(),
+            "rank_history": changes}
+
+
 def gaussian_(t: Tensor, std: float | None = None) -> Tensor:
     """Fill ``t`` from N(0, std²); ``std=None`` uses ``1/sqrt(longer side)``, which starts a thin
     matrix near the orthonormal set its regulariser targets."""

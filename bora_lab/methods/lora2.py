@@ -39,6 +39,7 @@ from .budget import (
     PrunableDiagonal,
     Sensitivity,
     allocator_for,
+    budget_report,
     gaussian_,
     orth_penalty,
     rank_history,
@@ -161,6 +162,11 @@ class LoRA2Linear(AdapterLinear):
     def remaining_rank(self) -> int:
         """Number of singular values of Λ not pruned."""
         return self.lora_E.remaining()
+
+    def inspect(self) -> dict:
+        """Adds ``budget``: initial and remaining rank and the rank history (:func:`budget.budget_report`)."""
+        rank = min(self.cfg.rank, self.cfg.lambda_rank)  # ΔW = P Λ Q has rank <= min(k, r)
+        return {**super().inspect(), "rank": rank, "budget": budget_report(self)}
 
     @property
     def rank_history(self) -> list[tuple[int, int]]:

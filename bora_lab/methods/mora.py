@@ -31,6 +31,7 @@ from .base import AdapterConfig, AdapterLinear
 from .registry import register
 
 KINDS = ("truncation", "sharing", "decomposition", "rotation")
+MAX_INSPECT_M = 128  # inspect() includes M (r̂ x r̂ floats) up to this r̂
 
 
 @dataclass
@@ -129,6 +130,30 @@ class MoRALinear(AdapterLinear):
     @staticmethod
     def num_params(d_in: int, d_out: int, cfg: MoRAConfig, bias: bool = True) -> int:
         return mora_rank(cfg.rank, d_in, d_out, cfg.kind) ** 2
+
+    @torch.no_grad()
+    def inspect(self) -> dict:
+        """Adds ``mora``: kind, ``r̂``, where each input feature goes (``in_slot``, ``in_block``) and
+        where each output feature comes from (``out_slot``, ``out_block``; -1 = none), and ``M``
+        itself when ``r̂ <= MAX_INSPECT_M``. ``rank`` is ``r̂`` (the rank ΔW can reach per block)."""
+        r, d_in, d_out = self.r_hat, self.in_features, self.out_features
+        j, i = torch.arange(d_in), torch.arange(d_out)
+        if self.kind == "truncation":
+            in_slot, in_block = torch.where(j < r, j, -1), torch.where(j < r, 0, -1)
+            out_slot, out_block = torch.where(i < r, i, -1), torch.where(i < r, 0, -1)
+        elif self.kind == "sharing":
+            in_slot, out_slot = self.g_in.cpu(), self.g_out.cpu()
+            in_block, out_block = torch.zeros_like(j), torch.zeros_like(i)
+        else:  # decomposition/rotation: x is cut into blocks of r̂; outputs repeat the blocks
+            in_slot, in_block = j % r, j // r
+            o = i % (self.n_blocks * r)
+            out_slot, out_block = o % r, o // r
+        m = self.mora_M.detach().float().cpu()
+        mora = {"kind": self.kind, "r_hat": r, "lora_rank": self.cfg.rank, "n_blocks": self.n_blocks,
+                "in_slot": in_slot.tolist(), "in_block": in_block.tolist(),
+                "out_slot": out_slot.tolist(), "out_block": out_block.tolist(),
+                "M": m.tolist() if r <= MAX_INSPECT_M else None}
+        return {**super().inspect(), "rank": r, "mora": mora}
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", kind={self.kind}, r_hat={self.r_hat}"

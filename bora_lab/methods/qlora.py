@@ -157,11 +157,20 @@ class _NF4Base:
             view.weight.copy_(stored.dequantized())
         super().__init__(view, cfg)
         self.base = stored
+        # What inspect() shows: the pretrained weight against the 16 code values, and the error of
+        # storing it in NF4 (measured now: the original weight is not kept).
+        self._nf4_report = {"histogram": nf4.histogram(base.weight, blocksize=cfg.blocksize),
+                            "error": nf4.error_stats(base.weight, stored.nf4())}
 
     @property
     def weight0(self) -> Tensor:
         """The dequantised ``W0`` (also while merged)."""
         return self.base.dequantized()
+
+    def inspect(self) -> dict:
+        """Adds ``nf4``: ``histogram`` (:func:`nf4.histogram` of the pretrained weight), ``error``
+        (:func:`nf4.error_stats`: rmse, relative error, SQNR, bits per weight...) and ``blocksize``."""
+        return {**super().inspect(), "nf4": {**self._nf4_report, "blocksize": self.base.blocksize}}
 
     def reference_weight(self) -> Tensor:
         """The function the layer computes at init: the dequantised base weight."""

@@ -94,6 +94,11 @@ class _SBoRALinear(AdapterLinear):
         """The columns (FA) or rows (FB) of ``W`` that this adapter can change, sorted ``[r]``."""
         return self.sb_index.clone()
 
+    def inspect(self) -> dict:
+        """Adds ``touched``: the axis (``"col"`` for FA, ``"row"`` for FB) and the sorted indices."""
+        touched = {"axis": "col" if self.axis == 1 else "row", "indices": self.sb_index.cpu().tolist()}
+        return {**super().inspect(), "touched": touched}
+
     @abstractmethod
     def delta_block(self) -> Tensor:
         """The non-zero part of ``ΔW``: ``s·B`` (``[out, r]``, FA) or ``s·A`` (``[r, in]``, FB)."""

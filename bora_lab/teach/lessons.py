@@ -83,13 +83,14 @@ def _check_type(value: Any, type_str: str, where: str) -> None:
         for i, item in enumerate(value):
             _check_type(item, t[5:-1], f"{where}[{i}]")
         return
-    elif t.startswith("dict["):
+    elif t.startswith("dict["):  # method_options: {"dora": {"detach_norm": false}}, plain values only
         if not isinstance(value, dict):
             raise LessonError(f"lesson field '{where}' must be an object, got {_kind(value)} {value!r}")
+        nested = t.startswith("dict[str,dict[")
         for k, v in value.items():
-            if not isinstance(v, (dict, str, int, float, bool)) or (isinstance(v, dict) and any(
-                    isinstance(x, (dict, list)) for x in v.values())):
-                raise LessonError(f"lesson field '{where}.{k}' must be an object of plain values")
+            inner = v.values() if isinstance(v, dict) else [v]
+            if (nested and not isinstance(v, dict)) or any(isinstance(x, (dict, list)) for x in inner):
+                raise LessonError(f"lesson field '{where}.{k}' must be an object of plain values, got {v!r}")
         return
     else:  # a RunConfig field type this checker does not know: accept plain JSON values
         ok, want = True, ""
@@ -253,4 +254,6 @@ def lesson_config(lesson: dict[str, Any], base: RunConfig | None = None) -> RunC
         settings["methods"] = [m for m in settings["methods"] if m not in missing]
         if not settings["methods"]:
             raise LessonError(f"none of this lesson's methods is available here: {', '.join(sorted(missing))}")
+        if settings.get("method_options"):
+            settings["method_options"] = {k: v for k, v in settings["method_options"].items() if k not in missing}
     return RunConfig.from_dict({**(base or RunConfig()).to_dict(), **settings})

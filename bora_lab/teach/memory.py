@@ -4,7 +4,10 @@ Five components, in bytes (1 GB = 10^9 bytes, as in the lecture):
 
 * **weights**: frozen base parameters at the storage precision (fp32 4 B, bf16 2 B, int8 1 B,
   NF4 0.5 B plus its quantisation constants: 32/64 bits per weight, or 8/64 + 32/(64·256) =
-  0.127 bits with double quantisation, lecture seed 001 "Double Quantization"); base parameters
+  0.127 bits with double quantisation, lecture seed 001 "Double Quantization"). With int8/NF4 only
+  the weights of the Linear layers inside the transformer blocks are quantised, as bitsandbytes
+  does; embeddings, norms, biases and the output layer stay at the compute precision, unless
+  ``quantize_all`` (the lecture's simplification: 8 B parameters x 0.5 B = 4 GB). Base parameters
   the method trains (BitFit's biases, the task head, all of them for ``full_model``) at the
   training precision (bf16, or fp32 for an fp32 model);
 * **adapter**: the tensors the method adds, at ``adapter_precision``;
@@ -150,7 +153,7 @@ def estimate_memory(model: ModelSpec | str = "minilm", method: str = "lora", ran
                     grad_precision: str | None = None, trainable_params: int | None = None,
                     target_modules: list[str] | None = None, double_quant: bool = True, blocksize: int = 64,
                     flash_attention: bool = False, compute_precision: str | None = None,
-                    options: dict[str, Any] | None = None) -> dict[str, Any]:
+                    quantize_all: bool = False, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Estimate the training memory of ``method`` on ``model``.
 
     Args:
@@ -167,7 +170,9 @@ def estimate_memory(model: ModelSpec | str = "minilm", method: str = "lora", ran
         double_quant, blocksize: NF4 constants (QLoRA: on, 64).
         flash_attention: no stored attention scores.
         compute_precision: precision of the activations; default fp32 for an fp32 model, else bf16
-            (BoRA Lab's trainer: fp32 on CPU, bf16 autocast on CUDA).
+            (BoRA Lab's trainer: fp32 on CPU, bf16 autocast on CUDA); also the precision of the frozen
+            parameters an int8/NF4 model leaves unquantised.
+        quantize_all: with int8/NF4, count every frozen parameter as quantised (the lecture's arithmetic).
 
     Returns:
         ``{"components": {name: bytes}, "total", "params", "per_trainable_bytes", "per_trainable_total",
@@ -191,24 +196,28 @@ def estimate_memory(model: ModelSpec | str = "minilm", method: str = "lora", ran
     if trainable_params is not None:
         trainable, added = int(trainable_params), int(trainable_params)
         notes.append(f"trainable parameters given: {trainable:,} ({100 * trainable / spec.n_params:.3f}% of the model)")
-    elif spec.config is not None:
-        count = count_params(skeleton(spec.config, task_kind=spec.kind), method, rank=rank, alpha=alpha,
-                             target_modules=target_modules, **(options or {}))
-        trainable, added = count.trainable, count.adapter_params
-    else:
+    net = skeleton(spec.config, task_kind=spec.kind) if spec.config is not None else None
+    if trainable_params is None and net is None:
         raise ValueError("this model spec has no config: give trainable_params")
+    if trainable_params is None:
+        count = count_params(net, method, rank=rank, alpha=alpha, target_modules=target_modules, **(options or {}))
+        trainable, added = count.trainable, count.adapter_params
     trained_base = min(max(trainable - added, 0), spec.n_params)  # existing parameters made trainable
     frozen = spec.n_params - trained_base
+    quantized = frozen  # fp32/bf16: "quantised" simply means stored at ``precision``
+    if precision in ("int8", "nf4") and not quantize_all and net is not None:
+        quantized = min(block_linear_params(net), frozen)
 
     base_b = PRECISION_BYTES[precision]
     const_bits = quant_constant_bits(precision, double_quant, blocksize)
     opt = OPTIMIZERS[optimizer]
     master = 4.0 if opt["bits32"] and (PRECISION_BYTES[adapter_precision] < 4) else 0.0
     opt_b = opt["bytes"] + master
-    weights_raw = frozen * base_b
-    constants = frozen * const_bits / 8
+    weights_raw = quantized * base_b
+    constants = quantized * const_bits / 8
+    unquantized = (frozen - quantized) * PRECISION_BYTES[compute_precision]
     comp = {
-        "weights": weights_raw + constants + trained_base * PRECISION_BYTES[train_prec],
+        "weights": weights_raw + constants + unquantized + trained_base * PRECISION_BYTES[train_prec],
         "adapter": added * PRECISION_BYTES[adapter_precision],
         "gradients": trainable * PRECISION_BYTES[grad_precision],
         "optimizer": trainable * opt_b,
@@ -224,14 +233,18 @@ def estimate_memory(model: ModelSpec | str = "minilm", method: str = "lora", ran
         notes.append("optimizer includes a 4-byte fp32 master copy of each 16-bit trainable parameter")
     if opt["paged"]:
         notes.append("paged optimizer: its states may be evicted to CPU RAM, so the GPU peak can be lower")
-    if precision in ("int8", "nf4"):
-        notes.append(f"every frozen parameter counted at {precision} (real loaders keep embeddings, norms and "
-                     "the output layer in 16-bit)")
+    if precision in ("int8", "nf4") and quantized == frozen:
+        notes.append(f"every frozen parameter counted at {precision} (the lecture's simplification; real loaders "
+                     "keep embeddings, norms and the output layer in 16-bit)")
+    elif precision in ("int8", "nf4"):
+        notes.append(f"{quantized:,} Linear-layer weights at {precision}; the other {frozen - quantized:,} frozen "
+                     f"parameters (embeddings, norms, biases, output layer) at {compute_precision}")
     return {
         "components": comp, "total": sum(comp.values()),
         "params": {"base": spec.n_params, "trainable": trainable, "added": added, "trained_base": trained_base},
         "per_trainable_bytes": per, "per_trainable_total": sum(per.values()),
         "details": {"weights_raw": weights_raw, "quant_constants": constants, "quant_constant_bits": const_bits,
+                    "quantized_params": quantized, "unquantized_weights": unquantized,
                     "activations_per_layer": act["per_layer"], "activations_layers": act["layers"],
                     "logits": act["logits"], "optimizer_paged": opt["paged"], "optimizer_label": opt["label"],
                     "activation_formula": KORTHIKANTI},
@@ -240,9 +253,26 @@ def estimate_memory(model: ModelSpec | str = "minilm", method: str = "lora", ran
                    "seq_len": seq_len, "optimizer": optimizer, "gradient_checkpointing": gradient_checkpointing,
                    "adapter_precision": adapter_precision, "grad_precision": grad_precision,
                    "compute_precision": compute_precision,
-                   "flash_attention": flash_attention, "double_quant": double_quant},
+                   "flash_attention": flash_attention, "double_quant": double_quant, "quantize_all": quantize_all},
         "model": spec.to_dict(),
     }
+
+
+def block_linear_params(model) -> int:
+    """Weights of the Linear (and GPT-2 Conv1D) layers a 4/8-bit loader quantises: every one except
+    the task head and the output embedding (bitsandbytes skips ``lm_head``)."""
+    from bora_lab.methods.model import _is_linear, head_module_names
+
+    heads = tuple(h + "." for h in head_module_names(model)) + tuple(head_module_names(model))
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    seen: set[int] = set()
+    total = 0
+    for name, m in model.named_modules():
+        if not _is_linear(m) or m is out or name.startswith(heads) or id(m.weight) in seen:
+            continue
+        seen.add(id(m.weight))
+        total += m.weight.numel()
+    return total
 
 
 def method_defaults(method: str) -> dict[str, str]:

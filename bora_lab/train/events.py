@@ -59,6 +59,28 @@ class Analysis(Event):
 
 
 @dataclass
+class LayerCheckpoint(Event):
+    """The checkpointed modules' weights at one analysis step (for the "Inside a layer" view).
+
+    ``deltas`` hold ``ΔW = W_t − W_step0`` (computed in float32, stored as float16 numpy arrays
+    ``[out, in]``: storing ``W_t`` in float16 would round away small updates); ``w0`` holds the
+    step-0 weights, on the first checkpoint only. Not JSON: ``to_dict()`` gives shapes and ``info``.
+    """
+
+    run_id: str
+    step: int
+    deltas: dict[str, Any]  # module name -> ΔW, numpy float16 [out, in]
+    info: dict[str, dict[str, Any]]  # module name -> the module's inspect() (plain lists and numbers)
+    kind: str = field(init=False, default="layer_checkpoint")
+    w0: dict[str, Any] | None = None  # module name -> W at step 0 (numpy float16), first checkpoint only
+    cost_s: float = 0.0  # wall time of the capture, seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "run_id": self.run_id, "step": self.step, "cost_s": self.cost_s,
+                "shapes": {k: list(v.shape) for k, v in self.deltas.items()}, "info": self.info}
+
+
+@dataclass
 class Progress(Event):
     done_steps: int  # over all runs
     total_steps: int
@@ -94,3 +116,4 @@ class ComparisonDone(Event):
     kind: str = field(init=False, default="comparison_done")
     # With RunConfig.export_weights: {run_id: {"start": {module: Tensor}, "end": {...}}} (CPU, not JSON).
     weights: dict[str, Any] = field(default_factory=dict)
+    layers: Any = None  # train.layers.LayerStore of the LayerCheckpoint events (numpy, not JSON)

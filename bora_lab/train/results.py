@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .layers import LayerStore
+
 SCHEMA_VERSION = 1
 FINAL_LOSS_WINDOW = 10  # "final loss" = mean training loss of the last 10 steps (single steps are noisy)
 STATUSES = ("pending", "running", "done", "nan", "oom", "error", "cancelled")
@@ -52,6 +54,7 @@ class ResultsAccumulator:
             "peak_mem_kind": None, "progress": None, "runs": runs,
         }
         self._index = {r["run_id"]: r for r in runs}
+        self.layers = LayerStore()  # the LayerCheckpoint events' arrays (not part of the JSON results)
 
     def run(self, run_id: str) -> dict[str, Any]:
         """The entry of ``run_id`` (created on the fly for ids outside the config)."""
@@ -77,6 +80,9 @@ class ResultsAccumulator:
             res["progress"] = {k: _get(event, k) for k in ("done_steps", "total_steps", "elapsed_s", "eta_s")}
         elif kind == "cancelled":
             res["status"], res["message"] = "cancelled", _get(event, "message")
+        elif kind == "layer_checkpoint" and _get(event, "deltas") is not None:  # to_dict() forms carry no arrays
+            self.layers.add(_get(event, "run_id"), _get(event, "step"), _get(event, "deltas"), _get(event, "info"),
+                            w0=_get(event, "w0"))
         elif kind in ("run_started", "step", "eval", "analysis", "run_finished", "error"):
             self._update_run(self.run(_get(event, "run_id")), kind, event)
         return res
@@ -197,14 +203,16 @@ def _csv_rows(results: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]
 
 
 def save_results(results: dict[str, Any], out_dir: str | Path, weights: dict[str, Any] | None = None,
-                 html: bool = True) -> Path:
+                 html: bool = True, layers: LayerStore | None = None) -> Path:
     """Write a comparison to ``out_dir``.
 
     Files: ``results.json`` (the results dict), ``config.json`` (the RunConfig), ``steps.csv``
     (one row per run and step: run_id, method, rank, step, loss, lr, step_s, peak_mem_mb and
     ``eval_<metric>`` where an eval happened at that step), ``figures.html`` (all plots, standalone)
     when ``html``, and with ``weights`` (``ComparisonDone.weights``)
-    ``weights/<run_id>/weights_start.safetensors`` and ``weights_end.safetensors`` keyed by module name.
+    ``weights/<run_id>/weights_start.safetensors`` and ``weights_end.safetensors`` keyed by module name,
+    and with ``layers`` (``ComparisonDone.layers``) the layer checkpoints under ``layers/``
+    (:mod:`bora_lab.train.layers`).
 
     Returns:
         The folder.
@@ -227,6 +235,8 @@ def save_results(results: dict[str, Any], out_dir: str | Path, weights: dict[str
             for when, tensors in pair.items():
                 if tensors:
                     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / f"weights_{when}.safetensors"))
+    if layers:
+        layers.save(out)
     if html:
         from ..plots import all_figures, results_table, save_html
 

@@ -32,6 +32,9 @@ _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
 # A loss above DIVERGENCE_FACTOR * max(1, first loss) counts as diverged (Adam bounds each update by
 # ~lr, so a huge lr gives finite but meaningless losses rather than NaN).
 DIVERGENCE_FACTOR = 1e6
+# Layer checkpoints (W0, ΔW in float16) of one run stay under this many bytes: with more analysed
+# modules than fit, an evenly spaced subset of them is checkpointed.
+LAYER_CHECKPOINT_BYTES = 64 * 2**20
 
 
 class NonFiniteLoss(ArithmeticError):
@@ -182,6 +185,7 @@ class RunState:
         self.analysed = (select_analysed(model, analysis_module, cfg.analysis_layers)
                          if self.info["has_weight"] else [])
         self.tracker = WeightTracker()
+        self._layer_w0: dict[str, Tensor] = {}  # float32 W at the first layer checkpoint (ΔW reference)
         self.counts = methods.trainable_summary(model)
         self.targets = list(getattr(model, "bora_lab_config", {}).get("target_modules", []))
         self.first_loss: float | None = None
@@ -259,6 +263,35 @@ class RunState:
             torch.cuda.synchronize(self.device)
         return snap, time.perf_counter() - t0
 
+    def layer_modules(self, n_checkpoints: int) -> list[tuple[str, nn.Module]]:
+        """The analysed modules whose W0 and ``n_checkpoints`` ΔW fit in ``LAYER_CHECKPOINT_BYTES``."""
+        if not self.analysed:
+            return []
+        sizes = [2 * dense_weight(m).numel() * (n_checkpoints + 1) for _, m in self.analysed]  # float16 bytes
+        if sum(sizes) <= LAYER_CHECKPOINT_BYTES:
+            return list(self.analysed)
+        keep = max(1, min(len(sizes), LAYER_CHECKPOINT_BYTES // max(sizes)))
+        last = len(self.analysed) - 1
+        return [self.analysed[i] for i in sorted({round(k * last / max(1, keep - 1)) for k in range(keep)})]
+
+    @torch.no_grad()
+    def layer_checkpoint(self, modules: list[tuple[str, nn.Module]]):
+        """``(ΔW, inspect(), W0 or None, seconds)`` of ``modules`` (see ``events.LayerCheckpoint``).
+
+        The first call records ``W0`` (returned once, float16 numpy) as the reference of every ΔW.
+        """
+        t0 = time.perf_counter()
+        first = not self._layer_w0
+        deltas, info = {}, {}
+        for name, m in modules:
+            w = dense_weight(m).detach().float()
+            if first:
+                self._layer_w0[name] = w.clone()
+            deltas[name] = (w - self._layer_w0[name]).to("cpu", torch.float16).numpy()
+            info[name] = m.inspect() if callable(getattr(m, "inspect", None)) else {}
+        w0 = {n: self._layer_w0[n].to("cpu", torch.float16).numpy() for n, _ in modules} if first else None
+        return deltas, info, w0, time.perf_counter() - t0
+
     @torch.no_grad()
     def weights(self) -> dict[str, Tensor]:
         """Merged analysed weights on the CPU (float32), keyed by module name."""
@@ -266,7 +299,8 @@ class RunState:
 
     def close(self) -> None:
         """Free the model and optimizer state."""
-        for attr in ("model", "optimizer", "schedule", "params", "analysed", "tracker", "reg_modules", "hook_modules"):
+        for attr in ("model", "optimizer", "schedule", "params", "analysed", "tracker", "reg_modules", "hook_modules",
+                     "_layer_w0"):
             self.__dict__.pop(attr, None)
         gc.collect()
         if self.device.type == "cuda":

@@ -37,7 +37,9 @@ import torch
 
 from .. import methods
 from ..config import RunConfig
-from .events import Analysis, Cancelled, ComparisonDone, Eval, Event, Progress, RunError, RunFinished, RunStarted, Step
+from .events import (
+    Analysis, Cancelled, ComparisonDone, Eval, Event, LayerCheckpoint, Progress, RunError, RunFinished, RunStarted, Step,
+)
 from .pipeline import Pipeline, make_pipeline
 from .results import ResultsAccumulator, save_results, summarize
 from .runstate import PEAK_MEM_KIND, NonFiniteLoss, RunState, describe_error, pick_device, select_analysed
@@ -104,13 +106,24 @@ def _analysis_module(cfg: RunConfig, pipeline: Pipeline) -> str | None:
     return module
 
 
+def checkpoint_steps(cfg: RunConfig) -> set[int]:
+    """Analysis steps whose weights are kept for "Inside a layer": step 0 and up to
+    ``cfg.layer_checkpoints`` later ones, evenly spaced over the analysis steps, the last included."""
+    if cfg.layer_checkpoints == 0:
+        return set()
+    snaps = sorted({0, cfg.steps, *range(cfg.analyze_every, cfg.steps + 1, cfg.analyze_every)})
+    n = min(len(snaps), cfg.layer_checkpoints + 1)
+    return {snaps[round(i * (len(snaps) - 1) / max(1, n - 1))] for i in range(n)}
+
+
 def compare(cfg: RunConfig, cancel: threading.Event | None = None) -> Iterator[Event]:
     """Train every (method, rank) run of ``cfg`` side by side and yield events.
 
     Yields, per run: ``RunStarted`` (or ``RunError`` if the method cannot be applied), ``Step``
     after every optimizer step, ``Analysis`` at step 0, every ``analyze_every`` steps and at the
     end (layer-level methods only), ``Eval`` every ``eval_every`` steps and at the end, and
-    ``RunFinished`` with the run's summary; a ``Progress`` after every step of every run; finally
+    ``RunFinished`` with the run's summary; ``LayerCheckpoint`` after the ``Analysis`` of the steps
+    of :func:`checkpoint_steps`; a ``Progress`` after every step of every run; finally
     ``ComparisonDone`` whose ``results`` are what ``results.json`` holds. On cancel: each unfinished
     run's ``RunFinished`` (status "cancelled"), then ``Cancelled``, then ``ComparisonDone``.
 
@@ -182,7 +195,7 @@ def _schedule(ctx: _Context, alive: dict[str, Iterator], cancel: threading.Event
             else:  # the run's generator is exhausted
                 del alive[rid]
     ctx.acc.results["elapsed_s"] = time.perf_counter() - ctx.t0
-    yield emit(ComparisonDone(ctx.acc.finish("done"), weights=ctx.weights))
+    yield emit(ComparisonDone(ctx.acc.finish("done"), weights=ctx.weights, layers=ctx.acc.layers))
 
 
 def _cancel(ctx: _Context, alive: dict[str, Iterator]) -> Iterator[Event]:
@@ -194,7 +207,7 @@ def _cancel(ctx: _Context, alive: dict[str, Iterator]) -> Iterator[Event]:
         yield RunFinished(rid, summarize(ctx.acc.run(rid), ctx.task_info, status="cancelled"))
     yield Cancelled("cancelled by the user; results so far are kept")
     ctx.acc.results["elapsed_s"] = time.perf_counter() - ctx.t0
-    yield ComparisonDone(ctx.acc.finish("cancelled"), weights=ctx.weights)
+    yield ComparisonDone(ctx.acc.finish("cancelled"), weights=ctx.weights, layers=ctx.acc.layers)
 
 
 def _drive(ctx: _Context, run_id: str, method: str, rank: int) -> Iterator[Any]:
@@ -215,9 +228,18 @@ def _drive(ctx: _Context, run_id: str, method: str, rank: int) -> Iterator[Any]:
                 "peak_mem_kind": PEAK_MEM_KIND.get(ctx.device.type, "process_peak_rss")}
         yield RunStarted(run_id, method, rank, state.counts["trainable"], state.counts["total"], str(ctx.device),
                          [n for n, _ in state.analysed], info=info)
+        ckpt_steps = checkpoint_steps(cfg) if state.analysed else set()
+        ckpt_modules = state.layer_modules(len(ckpt_steps))
+
+        def layer_checkpoint(at: int) -> LayerCheckpoint:
+            deltas, info, w0, cost = state.layer_checkpoint(ckpt_modules)
+            return LayerCheckpoint(run_id, at, deltas, info, w0=w0, cost_s=cost)
+
         if state.analysed:
             snap, cost = state.snapshot(0)
             yield Analysis(run_id, 0, snap, cost_s=cost)
+            if 0 in ckpt_steps:
+                yield layer_checkpoint(0)
             if cfg.export_weights:
                 ctx.weights[run_id] = {"start": state.weights()}
         for step, batch in enumerate(ctx.pipeline.train_batches, start=1):
@@ -227,6 +249,8 @@ def _drive(ctx: _Context, run_id: str, method: str, rank: int) -> Iterator[Any]:
             if state.analysed and (step % cfg.analyze_every == 0 or last):
                 snap, cost = state.snapshot(step)
                 yield Analysis(run_id, step, snap, cost_s=cost)
+                if step in ckpt_steps:
+                    yield layer_checkpoint(step)
             if step % cfg.eval_every == 0 or last:
                 yield Eval(run_id, step, state.evaluate())
             yield _TICK
@@ -252,15 +276,17 @@ def run(cfg: RunConfig, cancel: threading.Event | None = None, on_event: Callabl
         cancel: optional cancel flag (see :func:`compare`).
         on_event: called with every event (e.g. to print progress).
         out_dir: if given, :func:`save_results` writes results.json, steps.csv, config.json,
-            figures.html and (with ``cfg.export_weights``) the weights there.
+            figures.html, the layer checkpoints (``layers/``) and (with ``cfg.export_weights``) the
+            weights there.
     """
     results: dict[str, Any] = {}
     weights: dict[str, Any] = {}
+    layers = None
     for ev in compare(cfg, cancel):
         if on_event is not None:
             on_event(ev)
         if isinstance(ev, ComparisonDone):
-            results, weights = ev.results, ev.weights
+            results, weights, layers = ev.results, ev.weights, ev.layers
     if out_dir is not None:
-        save_results(results, out_dir, weights=weights)
+        save_results(results, out_dir, weights=weights, layers=layers)
     return results

@@ -3,7 +3,8 @@
 Every widget of the Compare tab is keyed by a ``RunConfig`` field name (``"steps"``, ``"ranks"``),
 or by ``"<method>.<option>"`` for an option of a method's config dataclass (``"dora.detach_norm"``).
 Types come from the dataclasses themselves, so a new ``RunConfig`` field or a new method option needs
-no parsing code here. No torch import: the trainer is reached only through ``bora_lab.ui.live``.
+no parsing code here. Nothing here imports torch itself (the method registry does, to register the
+methods) and the trainer is reached only through ``bora_lab.ui.live``.
 """
 from __future__ import annotations
 

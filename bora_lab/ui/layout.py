@@ -16,7 +16,7 @@ import gradio as gr
 from bora_lab.config import RunConfig
 from bora_lab.methods import registry
 
-from . import handlers, history, live, tab_cards, tab_lessons, tab_memory
+from . import handlers, history, live, tab_cards, tab_inside, tab_lessons, tab_memory
 
 TITLE = "BoRA Lab"
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="teal", neutral_hue="slate")
@@ -48,7 +48,8 @@ LABELS: dict[str, tuple[str, str]] = {
     "eval_every": ("Evaluate every", "steps"),
     "eval_samples": ("Eval examples", "0 = the whole test split"),
     "analyze_every": ("Analyse every", "steps between ΔM/ΔD snapshots"),
-    "target_modules": ("Target modules", "comma-separated; empty = architecture default (BERT: query, key, value, dense)"),
+    "target_modules": ("Target modules", "comma-separated; empty = the architecture's default "
+                       "(BERT: query, key, value, dense)"),
     "analysis_module": ("Analysed module", "empty = attention query (as in the BoRA paper)"),
     "analysis_layers": ("Analysed layers", "e.g. 0, 2, 4 or 0-3; empty = all"),
     "device": ("Device", "auto = cuda, then mps, then cpu"),
@@ -213,6 +214,7 @@ def build_demo(defaults: RunConfig | None = None) -> gr.Blocks:
             with gr.Tab("History", id="history") as history_tab:
                 list_inputs, list_outputs = history.build_tab(session)
             tab_lessons.build_lessons_tab(widgets)  # teaching views (issue 7): presets fill the Compare tab
+            tab_inside.build_inside_tab(session)  # W0, W, ΔW, norms, spectrum per checkpoint
             tab_cards.build_cards_tab()
             tab_memory.build_memory_tab(session)
         inputs = [session] + [widgets[k] for k in handlers.input_keys()]

@@ -21,14 +21,15 @@ PREC_CHOICES = ["auto", "fp32", "bf16"]
 # The lecture's worked example (seed 001, "How does QLoRA reduce memory to 14GB?").
 LECTURE = {"source": "typed sizes", "name": "Llama-3-8B (lecture)", "params": 8e9, "layers": 32, "hidden": 4096, "vocab": 128256, "heads": 32,
            "kv_heads": 8, "method": "qlora", "rank": 16, "precision": "nf4", "optimizer": "adamw_8bit",
-           "batch": 1, "seq": 512, "trainable": 48_000_000, "adapter_prec": "bf16", "grad_prec": "fp32"}
+           "batch": 1, "seq": 512, "trainable": 48_000_000, "adapter_prec": "bf16", "grad_prec": "fp32",
+           "quantize_all": True}
 PEAK_KIND = {"process_peak_rss": "measured: process peak RSS (whole app process: PyTorch, data, runs side by side)",
              "cuda_max_memory_allocated": "measured peak: CUDA max_memory_allocated"}
 
 
 def estimate(source, model_id, num_layers, name, params, layers, hidden, vocab, heads, kv_heads, method, rank, precision,
-             optimizer, batch, seq, checkpointing, flash, trainable, adapter_prec, grad_prec, compute_prec, measured,
-             measured_kind):
+             optimizer, batch, seq, checkpointing, flash, trainable, adapter_prec, grad_prec, compute_prec, quantize_all,
+             measured, measured_kind):
     """Widget values -> (figure, table rows, Markdown notes)."""
     from bora_lab.plots.memory import memory_figure
     from bora_lab.teach import memory as M
@@ -48,7 +49,8 @@ def estimate(source, model_id, num_layers, name, params, layers, hidden, vocab, 
                               trainable_params=int(num(trainable)) or None,
                               adapter_precision=None if adapter_prec == "auto" else adapter_prec,
                               grad_precision=None if grad_prec == "auto" else grad_prec,
-                              compute_precision=None if compute_prec == "auto" else compute_prec)
+                              compute_precision=None if compute_prec == "auto" else compute_prec,
+                              quantize_all=bool(quantize_all))
     except Exception as err:  # bad sizes, unknown model offline, rank too large...
         return None, [], f"**Cannot estimate:** {handlers.error_message(err)}"
     fig = memory_figure(b, measured_mb=num(measured) or None,
@@ -159,6 +161,8 @@ def build_memory_tab(session: gr.State | None = None) -> None:
                         adapter_prec = gr.Dropdown(PREC_CHOICES, value="auto", label="Adapter precision")
                         grad_prec = gr.Dropdown(PREC_CHOICES, value="auto", label="Gradient precision")
                         compute_prec = gr.Dropdown(PREC_CHOICES, value="auto", label="Activation precision")
+                    quantize_all = gr.Checkbox(False, label="int8/NF4: quantise every parameter",
+                                               info="the lecture's simplification; off = only Linear-layer weights")
                 with gr.Row():
                     measured = gr.Number(0, minimum=0, label="Measured peak (MiB)", info="0 = none")
                     measured_kind = gr.Textbox("", visible=False)
@@ -171,8 +175,8 @@ def build_memory_tab(session: gr.State | None = None) -> None:
                 notes = gr.Markdown(elem_id="bl-mem-notes")
 
     inputs = [source, model_id, num_layers, name, params, layers, hidden, vocab, heads, kv_heads, method, rank, precision,
-              optimizer, batch, seq, checkpointing, flash, trainable, adapter_prec, grad_prec, compute_prec, measured,
-              measured_kind]
+              optimizer, batch, seq, checkpointing, flash, trainable, adapter_prec, grad_prec, compute_prec, quantize_all,
+              measured, measured_kind]
     outputs = [plot, table, notes]
     tab.select(estimate, inputs, outputs, concurrency_limit=None)
     for w in inputs:
@@ -192,10 +196,11 @@ def build_memory_tab(session: gr.State | None = None) -> None:
         x = LECTURE
         return [x["source"], x["name"], x["params"], x["layers"], x["hidden"], x["vocab"], x["heads"], x["kv_heads"], x["method"],
                 x["rank"], x["precision"], x["optimizer"], x["batch"], x["seq"], x["trainable"], x["adapter_prec"],
-                x["grad_prec"], "auto", 0]
+                x["grad_prec"], "auto", x["quantize_all"], 0]
 
     lecture.click(on_lecture, None, [source, name, params, layers, hidden, vocab, heads, kv_heads, method, rank, precision,
-                                     optimizer, batch, seq, trainable, adapter_prec, grad_prec, compute_prec, measured],
+                                     optimizer, batch, seq, trainable, adapter_prec, grad_prec, compute_prec, quantize_all,
+                                     measured],
                   concurrency_limit=None).then(estimate, inputs, outputs, concurrency_limit=None)
 
     state_in = [session] if session is not None else []
