@@ -219,7 +219,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     bar = _ProgressBar(enabled=not args.quiet)
-    results, weights, failed = {}, {}, []
+    results, weights, layers, failed = {}, {}, None, []
     try:
         for ev in compare(cfg, cancel):
             if ev.kind == "progress":
@@ -230,11 +230,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
             elif ev.kind == "cancelled":
                 bar.line(f"cancelled: {ev.message}")
             elif ev.kind == "comparison_done":
-                results, weights = ev.results, ev.weights
+                results, weights, layers = ev.results, ev.weights, ev.layers
     finally:
         signal.signal(signal.SIGINT, previous)
         bar.close()
-    save_results(results, out, weights=weights, html=not args.no_html)
+    save_results(results, out, weights=weights, html=not args.no_html, layers=layers)
     print(format_table(results_table(results)))
     extra = f"; overheads: analysis {_overhead(results)}" if results.get("runs") else ""
     print(f"\n{results['status']} in {results.get('elapsed_s', 0):.0f}s on {results.get('device')} "

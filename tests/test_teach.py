@@ -22,11 +22,13 @@ from bora_lab.config import RunConfig
 from bora_lab.methods import registry
 from bora_lab.plots.cards import shapes_figure
 from bora_lab.plots.memory import memory_figure
-from bora_lab.teach import cards, lessons as L, memory as M
+from bora_lab.teach import cards
+from bora_lab.teach import lessons as L
+from bora_lab.teach import memory as M
 from bora_lab.teach.skeleton import count_params, skeleton
 
-TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-            max_position_embeddings=32, num_labels=2)
+TINY = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 64, "max_position_embeddings": 32, "num_labels": 2}
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +258,12 @@ def test_lesson_limits_and_unknown_methods(tmp_path):
 def test_tabs_build_and_fill_compare_widgets():
     from bora_lab.ui import handlers
     from bora_lab.ui.tab_cards import build_cards_tab, render_card
-    from bora_lab.ui.tab_lessons import build_lessons_tab, lesson_from_url, lesson_markdown, lesson_updates
+    from bora_lab.ui.tab_lessons import (
+        build_lessons_tab,
+        lesson_from_url,
+        lesson_markdown,
+        lesson_updates,
+    )
     from bora_lab.ui.tab_memory import build_memory_tab, estimate
 
     keys = handlers.input_keys()
@@ -321,3 +328,25 @@ def test_lesson_from_url_preselects_settings_in_browser():
             browser.close()
     finally:
         demo.close()
+
+
+def test_memory_tab_reads_measured_peak_of_saved_runs(tmp_path, monkeypatch):
+    from bora_lab.ui.tab_memory import from_saved_run, saved_runs
+
+    monkeypatch.setenv("BORA_LAB_RUNS", str(tmp_path))
+    monkeypatch.setenv("BORA_LAB_SHARED_HISTORY", "1")
+    run_dir = tmp_path / "20240101-000000-fine_foods-qlora"
+    run_dir.mkdir()
+    results = {"config": {"model": "minilm", "num_layers": 2, "batch_size": 16, "max_length": 64}, "device": "cpu",
+               "peak_mem_kind": "process_peak_rss",
+               "runs": [{"run_id": "qlora-r8", "method": "qlora", "rank": 8, "peak_mem_mb": 978.1, "summary": {}},
+                        {"run_id": "lora-r8", "method": "lora", "rank": 8, "peak_mem_mb": None, "summary": {}}]}
+    (run_dir / "results.json").write_text(json.dumps(results))
+    choices = saved_runs(None)
+    assert [c[1] for c in choices] == [f"{run_dir}|qlora-r8"]  # runs without a measured peak are left out
+    values = from_saved_run(choices[0][1])
+    assert values[1:6] == ["minilm", 2, "qlora", 8, registry.METHODS.get("qlora") and "nf4" or "fp32"]
+    assert values[-2:] == [978.1, "process_peak_rss"]
+    assert all(isinstance(v, dict) for v in from_saved_run("/etc|passwd"))  # only listed runs are opened
+    monkeypatch.setenv("BORA_LAB_SHARED_HISTORY", "0")
+    assert saved_runs(None) == []

@@ -231,6 +231,9 @@ class FullModel(ModelMethod):
     """
 
     description = "Full fine-tuning of the whole model (every parameter)"
+    # Its Linear weights are trained in place, so the ΔM/ΔD analysis reads them directly: the FT
+    # reference line of DoRA figure 2 (negative slope) comes from this method.
+    has_effective_weight = True
     formula = r"\theta = \theta_0 + \Delta\theta,\ \text{all of } \theta \text{ trainable}"
     paper = "Baseline (FT) in every seed; Howard & Ruder 2018, Devlin et al. 2019"
     source = _LECTURE + "; 'Full Fine-Tuning (FFT)'"

@@ -1,7 +1,8 @@
 """Stacked bar of a memory estimate (``bora_lab.teach.memory``), with the measured peak beside it."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import plotly.graph_objects as go
 

@@ -215,7 +215,7 @@ def cards_table(model: Any = "minilm", rank: int = 8, alpha: float = 16.0, num_l
         try:
             c = count_params(net, name, rank=rank, alpha=alpha, target_modules=target_modules)
             row.update({"trainable": c.trainable, "% of model": round(c.percent_of_base, 4)})
-        except Exception as err:  # one method's failure must not hide the others' rows
+        except Exception as err:  # noqa: BLE001  one method's failure must not hide the others' rows
             row["note"] = str(err).splitlines()[0] if str(err) else type(err).__name__
         rows.append(row)
     return rows

@@ -235,9 +235,9 @@ class RunState:
                 torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
             self.optimizer.step()
             self.schedule.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            for m in self.hook_modules:
+            for m in self.hook_modules:  # before zero_grad: AdaLoRA/LoRA2 score importance from the gradients
                 m.after_step(step, self.cfg.steps)
+            self.optimizer.zero_grad(set_to_none=True)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             return value, lr, time.perf_counter() - t0, peak_memory_mb(self.device)

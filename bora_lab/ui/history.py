@@ -170,10 +170,10 @@ def build_tab(session: gr.State) -> tuple[list, list]:
         show_all = gr.Checkbox(shared_history_default(), label="Show every saved run (CLI runs, other sessions)")
         refresh = gr.Button("Refresh", size="sm", scale=0, elem_id="bl-history-refresh")
     listing = gr.Dataframe(label="Saved runs (newest first)", interactive=False, elem_id="bl-history-list")
-    with gr.Row(equal_height=True):
+    with gr.Row():
         chosen = gr.Dropdown([], multiselect=True, label="Runs to open", info="pick several to overlay them",
                              elem_id="bl-history-pick", scale=4)
-        open_btn = gr.Button("Open", variant="primary", scale=1, elem_id="bl-history-open")
+        open_btn = gr.Button("Open", variant="primary", scale=1, min_width=120, elem_id="bl-history-open")
     with gr.Accordion("Open a results.json from elsewhere (e.g. a CLI run on another machine)", open=False):
         upload = gr.File(label="results.json", file_types=[".json"], height=140)
     status = gr.Markdown(elem_id="bl-history-status")

@@ -143,7 +143,7 @@ class Job:
         if results.get("status") == "running":  # the trainer raised before ComparisonDone
             results["status"], results["message"] = "error", self.error
         try:
-            save_results(results, self.out_dir)  # results.json, config.json, steps.csv, figures.html
+            save_results(results, self.out_dir, layers=self.acc.layers)  # + layers/ for "Inside a layer"
             self.saved = True
         except Exception as err:
             log.exception("saving %s failed", self.out_dir)

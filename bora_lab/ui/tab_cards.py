@@ -49,7 +49,7 @@ def render_card(method: str, model: str, layer: str | None, rank: Any) -> tuple[
         _, d_in, d_out = layer.rsplit("|", 2)
         card = method_card(method, int(d_in), int(d_out), r, model=model)
         rows = cards_table(model, rank=r)
-    except Exception as err:  # bad rank, unknown model offline...: say so in the card
+    except Exception as err:  # noqa: BLE001  bad rank, unknown model offline...: say so in the card
         return f"**Cannot build this card:** {handlers.error_message(err)}", None, []
     table = [[row["method"], row["kind"], row["trainable"], row["% of model"], row["magnitude axis"],
               "yes" if row["mergeable"] else "no", row["note"]] for row in rows]
@@ -80,7 +80,7 @@ def build_cards_tab() -> None:
     def on_model(model_v, method_v, rank_v):
         try:
             choices = layer_dropdown_choices((model_v or "minilm").strip())
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001  unknown model offline, unreadable config
             return gr.update(choices=[], value=None), f"**Cannot read this model:** {handlers.error_message(err)}", None, []
         first = choices[0][1] if choices else None
         return (gr.update(choices=choices, value=first), *render_card(method_v, model_v, first, rank_v))

@@ -51,19 +51,19 @@ def estimate(source, model_id, num_layers, name, params, layers, hidden, vocab, 
                               grad_precision=None if grad_prec == "auto" else grad_prec,
                               compute_precision=None if compute_prec == "auto" else compute_prec,
                               quantize_all=bool(quantize_all))
-    except Exception as err:  # bad sizes, unknown model offline, rank too large...
+    except Exception as err:  # noqa: BLE001  bad sizes, unknown model offline, rank too large...
         return None, [], f"**Cannot estimate:** {handlers.error_message(err)}"
     fig = memory_figure(b, measured_mb=num(measured) or None,
                         measured_label=PEAK_KIND.get(measured_kind or "", "measured peak"))
     per = b["per_trainable_bytes"]
     p = b["params"]
     lines = [
-        f"**{spec.name}**: {p['base']:,} parameters, {p['trainable']:,} trainable "
-        f"({100 * p['trainable'] / max(p['base'], 1):.3f}%), of which {p['added']:,} in new tensors.",
-        "**Bytes per trainable parameter** (the lecture's bill): " + " + ".join(f"{v:g} {k}" for k, v in per.items())
-        + f" = **{b['per_trainable_total']:g} B**",
-        f"Without activations (weights, adapter, gradients, optimizer): "
-        f"**{(b['total'] - b['components']['activations']) / 1e9:.3f} GB**.",
+        (f"**{spec.name}**: {p['base']:,} parameters, {p['trainable']:,} trainable "
+         f"({100 * p['trainable'] / max(p['base'], 1):.3f}%), of which {p['added']:,} in new tensors."),
+        ("**Bytes per trainable parameter** (the lecture's bill): " + " + ".join(f"{v:g} {k}" for k, v in per.items())
+         + f" = **{b['per_trainable_total']:g} B**"),
+        ("Without activations (weights, adapter, gradients, optimizer): "
+         f"**{(b['total'] - b['components']['activations']) / 1e9:.3f} GB**."),
         f"Activations: {b['details']['activation_formula']}; logits {b['details']['logits'] / 1e9:.3f} GB.",
         *[f"- {n}" for n in b["notes"]],
     ]
