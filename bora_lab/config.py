@@ -58,9 +58,25 @@ class RunConfig:
         if self.device not in ("auto", "cpu", "cuda", "mps"):
             raise ValueError(f"device must be auto, cpu, cuda or mps, got {self.device!r}")
 
+    def run_specs(self) -> list[tuple[str, str, int]]:
+        """``(run_id, method, rank)`` for every run, methods outer, ranks inner.
+
+        A method without a rank (full fine-tuning, BitFit, prompts...) runs once, as
+        ``(method, method, 0)``, whatever the ranks.
+        """
+        from bora_lab.methods.registry import METHODS  # late: keep config importable on its own
+
+        specs = []
+        for m in self.methods:
+            if m in METHODS and not METHODS[m].uses_rank:
+                specs.append((m, m, 0))
+            else:
+                specs.extend((f"{m}-r{r}", m, r) for r in self.ranks)
+        return specs
+
     def run_ids(self) -> list[str]:
-        """``"<method>-r<rank>"`` for every run, methods outer, ranks inner."""
-        return [f"{m}-r{r}" for m in self.methods for r in self.ranks]
+        """The run ids of :meth:`run_specs` (``"<method>-r<rank>"``, or ``"<method>"`` without a rank)."""
+        return [s[0] for s in self.run_specs()]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

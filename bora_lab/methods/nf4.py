@@ -40,9 +40,10 @@ NF4_PAPER_VALUES = (
 @functools.cache
 def _codebook_cpu(offset: float) -> Tensor:
     # Seed 001 recipe: 8 quantiles for the positive half, 7 for the negative half, and an exact 0.
-    pos = torch.special.ndtri(torch.linspace(offset, 0.5, 9)[:-1].double())  # (8,)
-    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, 8)[:-1].double())  # (7,)
-    values = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg]).float().sort().values
+    # explicit device="cpu": a caller's `with torch.device("meta")` must not poison this cache
+    pos = torch.special.ndtri(torch.linspace(offset, 0.5, 9, device="cpu")[:-1].double())  # (8,)
+    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, 8, device="cpu")[:-1].double())  # (7,)
+    values = torch.cat([pos, torch.zeros(1, dtype=torch.float64, device="cpu"), neg]).float().sort().values
     return values / values.max()  # normalised in fp32, as bitsandbytes does
 
 
@@ -60,11 +61,11 @@ def _dynamic_map_cpu() -> Tensor:
     # bitsandbytes' signed dynamic tree map (create_dynamic_map(signed=True, max_exponent_bits=7)).
     data: list[float] = []
     for i in range(7):
-        bounds = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        bounds = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32, device="cpu")
         means = ((bounds[:-1] + bounds[1:]) / 2.0) * (10 ** (-6 + i))
         data += means.tolist() + (-means).tolist()
     data += [0.0, 1.0]
-    return torch.tensor(sorted(data), dtype=torch.float32)
+    return torch.tensor(sorted(data), dtype=torch.float32, device="cpu")
 
 
 def dynamic_map(device: torch.device | str | None = None) -> Tensor:

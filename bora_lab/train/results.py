@@ -38,6 +38,18 @@ def new_run_entry(run_id: str, method: str, rank: int) -> dict[str, Any]:
             "median_step_s": None, "peak_mem_mb": None, "summary": {}}
 
 
+def _run_specs(cfg: Any, cfg_dict: dict[str, Any]) -> list[tuple[str, str, int]]:
+    """(run_id, method, rank) of every run, as ``RunConfig.run_specs`` (methods outer, ranks inner)."""
+    if hasattr(cfg, "run_specs"):
+        return cfg.run_specs()
+    from ..config import RunConfig
+
+    try:
+        return RunConfig.from_dict(cfg_dict).run_specs()
+    except (ValueError, TypeError):  # an old or partial config: every (method, rank) pair
+        return [(f"{m}-r{r}", m, r) for m in cfg_dict.get("methods", []) for r in cfg_dict.get("ranks", [])]
+
+
 class ResultsAccumulator:
     """Builds the results dict from trainer events (objects or their ``to_dict()``).
 
@@ -47,7 +59,7 @@ class ResultsAccumulator:
 
     def __init__(self, cfg: Any):
         cfg_dict = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-        runs = [new_run_entry(f"{m}-r{r}", m, r) for m in cfg_dict["methods"] for r in cfg_dict["ranks"]]
+        runs = [new_run_entry(rid, m, r) for rid, m, r in _run_specs(cfg, cfg_dict)]
         self.results: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "status": "running", "message": None, "config": cfg_dict, "task": {}, "device": None,
@@ -59,8 +71,10 @@ class ResultsAccumulator:
     def run(self, run_id: str) -> dict[str, Any]:
         """The entry of ``run_id`` (created on the fly for ids outside the config)."""
         if run_id not in self._index:
-            method, _, rank = run_id.rpartition("-r")
-            entry = new_run_entry(run_id, method, int(rank) if rank.isdigit() else 0)
+            method, sep, rank = run_id.rpartition("-r")
+            if not (sep and rank.isdigit()):  # a method without a rank: the id is the method name
+                method, rank = run_id, "0"
+            entry = new_run_entry(run_id, method, int(rank))
             self.results["runs"].append(entry)
             self._index[run_id] = entry
         return self._index[run_id]
