@@ -47,5 +47,5 @@ def test_notebook_runs_offline_top_to_bottom():
     assert all(f["data"][PLOTLY_MIME]["data"] for f in figures)  # no empty plots
     text = "".join(o.get("text", "") for o in _outputs(nb, "stream"))
     for run_id in ("lora-r4", "dora-r4", "bora-r4"):
-        assert f"{run_id} asymmetry ratio" in text
+        assert f"{run_id}: asymmetry ratio" in text
     assert "done in" in text and elapsed < 240

@@ -265,7 +265,9 @@ def test_stop_keeps_and_saves_partial_results():
     gen = live.run_comparison(session, *values_for(cfg), compare_fn=Fake(delay=0.01))
     consumer = threading.Thread(target=drain, args=(gen,))  # Gradio iterates the generator in a worker
     consumer.start()
+    deadline = time.monotonic() + 30
     while session.job is None or session.job.progress is None or session.job.progress.done_steps < 9:
+        assert time.monotonic() < deadline, "the fake comparison never reached step 9"
         time.sleep(0.01)
     status, progress, loss, *_, table = live.stop_comparison(session)
     consumer.join(10)

@@ -2,8 +2,9 @@
 
 ``ResultsAccumulator.update(event)`` builds the dict incrementally, so the trainer (for
 ``ComparisonDone`` and ``results.json``), the CLI and the app's live plots share one code path.
-The schema is documented in ``docs/results_schema.md``. This module imports no torch (the weight
-export imports ``safetensors.torch`` only when called with weights), so the UI can use it freely.
+The schema is documented in ``docs/results_schema.md``. Importing this module loads no torch, so
+the UI can import it freely (building an accumulator reads the method registry, and the summary's
+DoRA-figure fit uses ``analysis.weights``: both load torch on first use).
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from . import metrics as M
 KINDS = ("classification", "regression", "causal_lm", "synthetic")
 # RunConfig values that suit the synthetic weight-recovery tasks (they run in seconds).
 SYNTHETIC_DEFAULTS = {"model": "linear", "lr": 0.01, "steps": 600, "batch_size": 64, "eval_every": 50,
-                      "analyze_every": 20, "warmup_ratio": 0.0, "grad_clip": 0.0}
+                      "analyze_every": 30, "warmup_ratio": 0.0, "grad_clip": 0.0}
 LM_DEFAULTS = {"model": "smollm2", "lr": 5e-4, "steps": 20, "batch_size": 4, "max_length": 128,
                "eval_every": 10, "eval_samples": 16, "analyze_every": 5}
 # Sentence(-pair) benchmarks need longer inputs than the fine_foods demo default.
