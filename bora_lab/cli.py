@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="method option, repeatable (e.g. dora.detach_norm=false)")
     add("--sequential", action="store_true", help="run one method after another instead of in lockstep")
     add("--export-weights", action="store_true", help="save merged analysed weights at start and end")
-    add("--out", help="output folder (default runs/<timestamp>)")
+    add("--out", help="output folder (default $BORA_LAB_RUNS/<timestamp>, else runs/<timestamp>)")
     add("--no-html", action="store_true", help="skip figures.html")
     add("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("list", help="list the methods and tasks")
@@ -210,7 +210,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     validate(cfg)
-    out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    # the same folder the app's History tab lists, so CLI runs show up there
+    out = args.out or os.path.join(os.environ.get("BORA_LAB_RUNS", "runs"), time.strftime("%Y%m%d-%H%M%S"))
     cancel = threading.Event()
 
     def on_sigint(signum, frame):  # first Ctrl-C: cancel between steps; second: abort
