@@ -158,7 +158,7 @@ def md_figure(results: dict, view: str = "from_start", layer: int | None = None)
 
 
 def _fit(xs: list[float], ys: list[float]) -> dict:
-    from ..analysis.weights import fit_line  # pure python; lazily imported because its module loads torch
+    from ..analysis.stats import fit_line
 
     return fit_line(xs, ys)
 

@@ -177,7 +177,7 @@ def summarize(entry: dict[str, Any], task: dict[str, Any] | None = None, status:
     }
     moved = [s for s in snaps if s.get("prev_step") is not None]
     if moved:
-        from ..analysis.weights import asymmetry_ratio, dora_scatter_points, fit_line
+        from ..analysis.stats import asymmetry_ratio, dora_scatter_points, fit_line
 
         mean = moved[-1]["mean"]["from_start"]
         out.update({k: mean[k] for k in ("dM_row", "dM_col", "dD_row", "dD_col")})
