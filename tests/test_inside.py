@@ -204,12 +204,12 @@ def test_tab_live_and_saved(real, tmp_path, monkeypatch):
 def test_tab_says_not_applicable_for_a_model_level_method(real, tmp_path):
     events, _, _ = real
     session = _live_session(events, tmp_path / "20260101-000002-live")
-    status, *figs = tab_inside.render(session, tab_inside.LIVE, "bitfit-r4", None, None)
+    status, *figs = tab_inside.render(session, tab_inside.LIVE, "bitfit", None, None)
     assert status.startswith("Not applicable: bitfit is a model-level method")
     for fig in figs:
         assert not fig.data and "model-level" in fig.layout.annotations[0].text
     runs = tab_inside.pick_source(session, tab_inside.LIVE)[0]
-    assert ("bitfit-r4 (no layer checkpoints)", "bitfit-r4") in runs["choices"]
+    assert ("bitfit (no layer checkpoints)", "bitfit") in runs["choices"]
 
 
 def test_app_has_the_tab():

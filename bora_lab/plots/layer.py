@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import textwrap
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from plotly.subplots import make_subplots
 from .figures import AXIS_COLORS, _empty
 
 MAX_CELLS = 96  # heatmaps show at most 96 x 96 cells
+FLOOR = 1e-6  # singular values below FLOOR * the largest are not drawn
 FIGURES = ("matrices", "norms", "spectrum", "method")
 _BEFORE, _AFTER, _MAG = "#9e9e9e", "#d62728", "#2ca02c"
 
@@ -38,7 +40,7 @@ def _one_blas_thread():
 
 def _lines(fig: go.Figure, xs: list[float], color: str, dash: str = "solid", vertical: bool = True,
            xref: str = "x", yref: str = "y", labels: list[str] | None = None, width: float = 1.0,
-           opacity: float = 1.0) -> None:
+           opacity: float = 1.0, label_at: str = "top") -> None:
     """Add full-height (or full-width) lines in one layout update (``add_vline`` costs ~50 ms each)."""
     span = f"{yref} domain" if vertical else f"{xref} domain"
     shapes, notes = list(fig.layout.shapes), list(fig.layout.annotations)
@@ -48,8 +50,8 @@ def _lines(fig: go.Figure, xs: list[float], color: str, dash: str = "solid", ver
         shapes.append({"type": "line", "line": {"color": color, "dash": dash, "width": width}, "opacity": opacity,
                        **pos})
         if labels and labels[k]:
-            notes.append({"text": labels[k], "x": v, "y": 1, "xref": xref, "yref": span, "showarrow": False,
-                          "xanchor": "left", "yanchor": "top", "font": {"color": color, "size": 11}})
+            notes.append({"text": labels[k], "x": v, "y": 1 if label_at == "top" else 0, "xref": xref, "yref": span,
+                          "showarrow": False, "xanchor": "left", "yanchor": label_at, "font": {"color": color, "size": 11}})
     fig.update_layout(shapes=shapes, annotations=notes)
 
 
@@ -61,7 +63,9 @@ def short_module(name: str) -> str:
 
 def not_applicable(title: str, why: str) -> go.Figure:
     """A figure that says why there is nothing to draw (never an empty plot)."""
-    return _empty(title, why)
+    fig = _empty(title, "<br>".join(textwrap.wrap(why, 90)))
+    fig.update_layout(height=260)
+    return fig
 
 
 # -- numbers ---------------------------------------------------------------------------------
@@ -183,17 +187,20 @@ def spectrum_figure(delta: np.ndarray, rank: int | None = None, title: str = "",
     if spec["effective_rank"] == 0.0:
         return not_applicable(head, "ΔW = 0 here (step 0, or the update has not moved yet): nothing to decompose")
     s = np.asarray(spec["singular_values"])
+    shown = s[s > s[0] * FLOOR]  # exact zeros (SBoRA, truncation) would stretch the log axis to 1e-30
     fig = go.Figure()
-    fig.add_scatter(x=np.arange(1, s.size + 1), y=np.maximum(s, 1e-30), mode="lines+markers", name="σ_k of ΔW",
+    fig.add_scatter(x=np.arange(1, shown.size + 1), y=shown, mode="lines+markers", name="σ_k of ΔW",
                     marker={"size": 4}, line={"color": "#1f77b4"})
+    hidden = f"; {s.size - shown.size} values below {FLOOR:g}·σ₁ not drawn" if shown.size < s.size else ""
     if rank:
         _lines(fig, [rank], "#d62728", "dash", labels=[f"chosen rank {rank}"])
     if remaining_rank is not None and remaining_rank != rank:
         _lines(fig, [max(remaining_rank, 0.5)], "#9467bd", "dot", labels=[f"remaining rank {remaining_rank}"])
-    _lines(fig, [spec["effective_rank"]], "#2ca02c", "dot", labels=[f"effective rank {spec['effective_rank']:.1f}"])
+    _lines(fig, [spec["effective_rank"]], "#2ca02c", "dot", labels=[f"effective rank {spec['effective_rank']:.1f}"],
+           label_at="bottom")
     fig.update_layout(title=f"{head}<br><sub>effective rank {spec['effective_rank']:.2f}, 99% of the energy in "
                             f"{spec['rank_at_99']} of {s.size} directions (ΔW stored in float16: the tail "
-                            "below ~1e-3 of σ₁ is rounding)</sub>",
+                            f"below ~1e-3 of σ₁ is rounding{hidden})</sub>",
                       xaxis_title="k (singular value index)", yaxis_title="σ_k", yaxis_type="log", height=400)
     return fig
 
