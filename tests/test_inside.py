@@ -1,4 +1,4 @@
-""""Inside a layer": layer checkpoints from real runs, their figures, the tab's handlers, files on disk."""
+"""The "Inside a layer" view: layer checkpoints from real runs, their figures, the tab's handlers, files on disk."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ from bora_lab.methods import METHODS
 from bora_lab.plots import layer as L
 from bora_lab.train import runstate
 from bora_lab.train.layers import LayerStore, _json_safe
-from bora_lab.train.results import load_results, save_results
+from bora_lab.train.results import save_results
 from bora_lab.train.trainer import checkpoint_steps, compare
 from bora_lab.ui import live, tab_inside
 
@@ -138,6 +138,8 @@ def test_method_specific_figures(real):
     mora = L.layer_figures(store, "mora-r4", 6, QUERY0)["method"]
     r_hat = store.info("mora-r4", 6, QUERY0)["mora"]["r_hat"]
     assert r_hat == 54 and np.asarray(mora.data[0].z).shape == (r_hat, r_hat)
+    spectrum = L.layer_figures(store, "mora-r4", 6, QUERY0)["spectrum"]
+    assert "r̂ 54" in [a.text for a in spectrum.layout.annotations]
     budget = L.layer_figures(store, "adalora-r4", 6, QUERY0)["method"]
     assert budget.data[0].type == "heatmap" and len(budget.data[0].y) == 2  # one row per checkpointed layer
     lora = L.layer_figures(store, "lora-r4", 6, QUERY0)["method"]

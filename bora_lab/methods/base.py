@@ -97,7 +97,8 @@ class AdapterLinear(nn.Module, metaclass=ABCMeta):
         """What the "Inside a layer" view shows besides ``W``: plain JSON-ready lists and numbers.
 
         Returns ``{"rank": chosen rank or None, "magnitudes": {"m_r": [out], ...}}``; methods add
-        their own keys (SBoRA ``touched``, MoRA ``mora``, QLoRA ``nf4``, LoRA2/AdaLoRA ``budget``).
+        their own keys (SBoRA ``touched``, MoRA ``mora`` and ``rank_name``, QLoRA ``nf4``,
+        LoRA2/AdaLoRA ``budget``).
         """
         mags = {k: v.detach().float().cpu().tolist() for k, v in self.magnitudes().items()}
         return {"rank": self.cfg.rank if self.uses_rank else None, "magnitudes": mags}

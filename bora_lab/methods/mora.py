@@ -135,7 +135,8 @@ class MoRALinear(AdapterLinear):
     def inspect(self) -> dict:
         """Adds ``mora``: kind, ``r̂``, where each input feature goes (``in_slot``, ``in_block``) and
         where each output feature comes from (``out_slot``, ``out_block``; -1 = none), and ``M``
-        itself when ``r̂ <= MAX_INSPECT_M``. ``rank`` is ``r̂`` (the rank ΔW can reach per block)."""
+        itself when ``r̂ <= MAX_INSPECT_M``. ``rank`` is ``r̂`` (named by ``rank_name``), the rank
+        ``M`` can reach; ΔW repeats it over the blocks."""
         r, d_in, d_out = self.r_hat, self.in_features, self.out_features
         j, i = torch.arange(d_in), torch.arange(d_out)
         if self.kind == "truncation":
@@ -153,7 +154,7 @@ class MoRALinear(AdapterLinear):
                 "in_slot": in_slot.tolist(), "in_block": in_block.tolist(),
                 "out_slot": out_slot.tolist(), "out_block": out_block.tolist(),
                 "M": m.tolist() if r <= MAX_INSPECT_M else None}
-        return {**super().inspect(), "rank": r, "mora": mora}
+        return {**super().inspect(), "rank": r, "rank_name": "r̂", "mora": mora}
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", kind={self.kind}, r_hat={self.r_hat}"

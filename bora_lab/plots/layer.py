@@ -1,4 +1,4 @@
-""""Inside a layer": plotly figures of one module's weights at one checkpoint (numpy, no torch).
+"""The "Inside a layer" view: plotly figures of one module's weights at one checkpoint (numpy, no torch).
 
 Inputs are what ``bora_lab.train.layers.LayerStore`` holds: ``W0`` and ``ΔW`` (``[out, in]``
 arrays) and the module's ``inspect()`` dict. Matrices larger than ``MAX_CELLS`` on a side are
@@ -25,7 +25,7 @@ from .figures import AXIS_COLORS, _empty
 MAX_CELLS = 96  # heatmaps show at most 96 x 96 cells
 FLOOR = 1e-6  # singular values below FLOOR * the largest are not drawn
 FIGURES = ("matrices", "norms", "spectrum", "method")
-_BEFORE, _AFTER, _MAG = "#9e9e9e", "#d62728", "#2ca02c"
+_BEFORE, _MAG = "#9e9e9e", "#2ca02c"
 
 
 def _one_blas_thread():
@@ -180,8 +180,9 @@ def norms_figure(w0: np.ndarray, delta: np.ndarray, magnitudes: dict[str, list] 
 
 
 def spectrum_figure(delta: np.ndarray, rank: int | None = None, title: str = "",
-                    remaining_rank: int | None = None) -> go.Figure:
-    """Singular values of ``ΔW`` (log scale) with its effective rank, and a line at the chosen rank."""
+                    remaining_rank: int | None = None, rank_name: str = "chosen rank") -> go.Figure:
+    """Singular values of ``ΔW`` (log scale) with its effective rank, and a line at the chosen rank
+    (``rank_name``: what the method calls it, e.g. MoRA's ``r̂``)."""
     spec = spectrum(delta)
     head = f"Singular values of ΔW{': ' + title if title else ''}"
     if spec["effective_rank"] == 0.0:
@@ -193,7 +194,7 @@ def spectrum_figure(delta: np.ndarray, rank: int | None = None, title: str = "",
                     marker={"size": 4}, line={"color": "#1f77b4"})
     hidden = f"; {s.size - shown.size} values below {FLOOR:g}·σ₁ not drawn" if shown.size < s.size else ""
     if rank:
-        _lines(fig, [rank], "#d62728", "dash", labels=[f"chosen rank {rank}"])
+        _lines(fig, [rank], "#d62728", "dash", labels=[f"{rank_name} {rank}"])
     if remaining_rank is not None and remaining_rank != rank:
         _lines(fig, [max(remaining_rank, 0.5)], "#9467bd", "dot", labels=[f"remaining rank {remaining_rank}"])
     _lines(fig, [spec["effective_rank"]], "#2ca02c", "dot", labels=[f"effective rank {spec['effective_rank']:.1f}"],
@@ -351,6 +352,7 @@ def layer_figures(store: Any, run_id: str, step: int, module: str) -> dict[str, 
     return {
         "matrices": matrices_figure(w0, delta, where, touched=info.get("touched")),
         "norms": norms_figure(w0, delta, info.get("magnitudes"), f"Norms before and after: {where}"),
-        "spectrum": spectrum_figure(delta, info.get("rank"), where, remaining_rank=remaining),
+        "spectrum": spectrum_figure(delta, info.get("rank"), where, remaining_rank=remaining,
+                                    rank_name=info.get("rank_name", "chosen rank")),
         "method": method_figure(info, delta, step, budgets, where),
     }

@@ -69,7 +69,7 @@ class LayerStore:
         self._deltas.setdefault(run_id, {})[int(step)] = dict(deltas)
         self._info.setdefault(run_id, {})[int(step)] = dict(info)
 
-    def copy(self) -> "LayerStore":
+    def copy(self) -> LayerStore:
         """A store with its own indexes over the same (read-only) arrays: safe to read while this
         one keeps growing in another thread (take the copy under the writer's lock)."""
         new = LayerStore()
@@ -147,7 +147,7 @@ class LayerStore:
         return root
 
     @classmethod
-    def load(cls, run_folder: str | Path) -> "LayerStore":
+    def load(cls, run_folder: str | Path) -> LayerStore:
         """The checkpoints saved in a run folder (empty if it has none); tensors are read lazily."""
         from safetensors import safe_open
 

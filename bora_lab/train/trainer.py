@@ -38,7 +38,17 @@ import torch
 from .. import methods
 from ..config import RunConfig
 from .events import (
-    Analysis, Cancelled, ComparisonDone, Eval, Event, LayerCheckpoint, Progress, RunError, RunFinished, RunStarted, Step,
+    Analysis,
+    Cancelled,
+    ComparisonDone,
+    Eval,
+    Event,
+    LayerCheckpoint,
+    Progress,
+    RunError,
+    RunFinished,
+    RunStarted,
+    Step,
 )
 from .pipeline import Pipeline, make_pipeline
 from .results import ResultsAccumulator, save_results, summarize

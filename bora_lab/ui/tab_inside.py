@@ -88,7 +88,7 @@ def _describe(store: Any, run_id: str, step: int, module: str) -> str:
     w0, dw = store.w0(run_id, module).astype(np.float32), store.delta(run_id, step, module).astype(np.float32)
     rel = float(np.linalg.norm(dw) / max(np.linalg.norm(w0), 1e-30))
     info = store.info(run_id, step, module)
-    rank = f", chosen rank {info['rank']}" if info.get("rank") else ""
+    rank = f", {info.get('rank_name', 'chosen rank')} {info['rank']}" if info.get("rank") else ""
     return (f"**{run_id}**, {short_module(module)} `[{w0.shape[0]} out × {w0.shape[1]} in]`{rank}, **step {step}** "
             f"(checkpoints: {', '.join(map(str, steps))}).  \n"
             f"‖ΔW‖_F = {np.linalg.norm(dw):.3g}, that is {100 * rel:.3g}% of ‖W0‖_F.")
@@ -112,7 +112,7 @@ def render(session: live.Session, source: str | None, run_id: str | None, module
     try:
         figs = layer_figures(store, run_id, step, module)
         text = _describe(store, run_id, step, module)
-    except Exception as err:  # a damaged or partial file: say so instead of breaking the tab
+    except Exception as err:  # noqa: BLE001 - a damaged or partial file: say so, keep the tab working
         raise gr.Error(f"Could not draw this checkpoint: {handlers.error_message(err)}", print_exception=False) from None
     return (text, *(figs[k] for k in PLOTS))
 
