@@ -7,9 +7,10 @@ Setup (issue 3): the offline all-MiniLM-L6-v2 with a 2-label head, batch 32 x 64
 fine-food reviews, targets query/key/value/dense, AdamW. Every variant is built up front and the
 variants take turns step by step (interleaved), so drifts in machine speed hit them all alike.
 Prints the median step time of each and its ratio to PEFT LoRA at the same rank, plus memory:
-on CUDA the peak allocated during a step above what the models hold; on CPU the peak RSS growth of
-a fresh subprocess that builds only that variant and trains 3 steps (CPU allocations are not
-tracked per variant inside one process). Run it alone on the machine: two busy processes on two
+on CUDA the peak allocated during a step above what the models hold; on CPU, in a fresh subprocess
+that builds only that variant, the peak RSS during 3 training steps above the RSS before them (the
+activations, gradients and optimizer state). CPU
+allocations are not tracked per variant inside one process. Run it alone on the machine: two busy processes on two
 cores distort every figure.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import resource
+import os
 import statistics
 import subprocess
 import sys
@@ -107,8 +108,9 @@ def step_fn(model, batch, device):
 
 def cpu_peak_mb(variant: str, rank: int, batch: int, seq: int) -> float:
     """Peak RSS growth (MB) while a fresh process trains 3 steps of one variant."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     out = subprocess.run([sys.executable, __file__, "--mem-child", variant, str(rank), str(batch), str(seq)],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=True, env=env)
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -117,11 +119,22 @@ def mem_child(variant: str, rank: int, batch: int, seq: int) -> None:
     data = make_batch(batch, seq, "cpu")
     model = build(variant, rank).train()
     step = step_fn(model, data, "cpu")
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss = _proc_status_kb("VmRSS")
+    # Loading the checkpoint peaks above training, so ru_maxrss would hide the steps: reset the
+    # kernel's high-water mark (Linux: "5" > /proc/self/clear_refs) and read VmHWM afterwards.
+    # The parent sets MALLOC_MMAP_THRESHOLD_ so large tensors are mmapped and freed memory leaves
+    # the RSS (otherwise glibc's cache makes the figure depend on what loading freed).
+    Path("/proc/self/clear_refs").write_text("5")
     for _ in range(3):
         step()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((after - before) / 1024)
+    print((_proc_status_kb("VmHWM") - rss) / 1024)
+
+
+def _proc_status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
 
 
 def main() -> None:
@@ -133,6 +146,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=12, help="timed steps per variant (after 2 warm-up steps)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-memory", action="store_true", help="skip the CPU memory subprocesses")
+    ap.add_argument("--memory-only", action="store_true", help="CPU: only the memory subprocesses")
     ap.add_argument("--json", help="also write the table to this file")
     ap.add_argument("--mem-child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -141,6 +155,12 @@ def main() -> None:
         return mem_child(v, int(r), int(b), int(s))
     torch.set_num_threads(args.threads)
     dev = args.device
+    if args.memory_only:
+        runs = [("frozen base", 0), ("full FT", 0)] + [v for r in map(int, args.ranks.split(",")) for v in variants(r)]
+        print(f"{'variant':<14}{'rank':>5}{'step RSS MB':>14}")
+        for key in runs:
+            print(f"{key[0]:<14}{key[1] or '-':>5}{cpu_peak_mb(*key, args.batch, args.seq):>14.0f}")
+        return
     data = make_batch(args.batch, args.seq, dev)
     runs = [("frozen base", 0), ("full FT", 0)]
     for r in map(int, args.ranks.split(",")):
@@ -170,7 +190,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if dev == "cuda" else f"CPU, {args.threads} threads"
     print(f"MiniLM-L6, batch {args.batch} x {args.seq}, targets {','.join(TARGETS)}, {name}, "
           f"{'bf16 autocast' if dev == 'cuda' else 'fp32'}, median of {args.iters} interleaved steps")
-    mem_label = "step peak MB" if dev == "cuda" else "RSS growth MB"
+    mem_label = "step peak MB" if dev == "cuda" else "step RSS MB"
     print(f"{'variant':<14}{'rank':>5}{'step s':>10}{'x PEFT LoRA':>13}{'x our LoRA':>12}{mem_label:>15}")
     rows = []
     for key in runs:
