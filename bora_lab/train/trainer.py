@@ -26,6 +26,7 @@ run and the other runs go on. Cancellation (``cancel.set()``) is checked between
 """
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -179,7 +180,7 @@ def _cpu_threads(cfg: RunConfig, pipeline: Pipeline) -> int:
         idle = (os.cpu_count() or current) - os.getloadavg()[0]
     except OSError:  # no load average on this platform
         return current
-    return max(1, min(current, round(idle)))
+    return max(1, min(current, math.ceil(idle - 0.25)))  # a core counts as free unless >75% busy
 
 
 def _schedule(ctx: _Context, alive: dict[str, Iterator], cancel: threading.Event | None) -> Iterator[Event]:
