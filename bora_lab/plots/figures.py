@@ -215,7 +215,7 @@ def results_table(results: dict) -> list[dict[str, Any]]:
     for run in results.get("runs", []):
         s = run.get("summary") or summarize(run, task)
         rows.append({
-            "run": run["run_id"], "method": run["method"], "rank": run["rank"], "status": s.get("status") or run.get("status"),
+            "run": run["run_id"], "method": run["method"], "rank": run["rank"] or "-", "status": s.get("status") or run.get("status"),
             "trainable params": s.get("trainable_params"), "trainable %": _round(s.get("trainable_pct"), 3),
             "final loss": _round(s.get("final_loss")), metric: _round(s.get("eval_metric")),
             "median step (s)": _round(s.get("median_step_s"), 3), "peak mem (MiB)": _round(s.get("peak_mem_mb"), 4),
