@@ -1,3 +1,3 @@
 """BoRA Lab: learn, teach and compare parameter-efficient fine-tuning methods."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,11 +1,14 @@
-"""Command line: ``python -m bora_lab compare`` (side-by-side fine-tuning) and ``python -m bora_lab list``.
+"""Command line: ``bora-lab`` (or ``python -m bora_lab``): ``compare``, ``list``, ``app``.
 
-    python -m bora_lab compare                       # lora, dora, bora (rank 8) on fine_foods, MiniLM
-    python -m bora_lab compare --task synthetic_col --methods lora,dora,dora_col,bora,full --ranks 4
-    python -m bora_lab compare --task austen_lm --methods lora,bora --steps 10
-    python -m bora_lab list                          # methods and tasks
+    bora-lab compare                       # lora, dora, bora (rank 8) on fine_foods, MiniLM
+    bora-lab compare --task synthetic_col --methods lora,dora,dora_col,bora,full --ranks 4
+    bora-lab compare --task austen_lm --methods lora,bora --steps 10
+    bora-lab compare --config runs/<run>/config.json --seed 1   # a saved configuration, one flag changed
+    bora-lab list                          # methods and tasks
+    bora-lab app                           # the Gradio app
 
-Flags left out take the task's suggested values (``tasks.task_defaults``), then ``RunConfig``'s.
+The ``compare`` flags are generated from ``RunConfig``'s fields. Flags left out take the ``--config``
+file's values, then the task's suggested values (``tasks.task_defaults``), then ``RunConfig``'s.
 Bad input exits with status 2 and one line on stderr; a failed run (NaN loss, out of memory, bad
 rank) exits with status 1 after the others finish; Ctrl-C cancels, saves what was computed and
 exits with 130 (press it twice to abort at once).
@@ -15,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import secrets
 import signal
 import sys
 import threading
@@ -22,7 +27,7 @@ import time
 from dataclasses import fields
 from typing import Any
 
-from .config import RunConfig
+from .config import RunConfig, default_of, settings
 
 EXIT_OK, EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 130
 
@@ -77,91 +82,171 @@ def parse_method_options(items: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _flag(f) -> str:
+    flag = f.metadata.get("flag")
+    return flag if flag is not None else "--" + f.name.replace("_", "-")
+
+
+def _arg_type(f) -> Any:
+    kind = str(f.type)
+    if kind.startswith("list[int]"):
+        return _ints
+    if kind.startswith("list[str]"):
+        return _csv
+    if kind.startswith("int"):
+        return int
+    if kind.startswith("float"):
+        return float
+    return str
+
+
+def _task_suggestions(name: str) -> str:
+    """``"; tasks suggest: synthetic_*: 600, austen_lm: 20"`` for the tasks that change ``name``."""
+    from .train.tasks import TASKS
+
+    by_value: dict[str, list[str]] = {}
+    for task, spec in TASKS.items():
+        if name in spec.defaults:
+            by_value.setdefault(repr(spec.defaults[name]), []).append(task)
+    parts = []
+    for value, tasks in by_value.items():
+        by_head: dict[str, list[str]] = {}
+        for t in tasks:  # "synthetic_row", "synthetic_col"... -> "synthetic_*"
+            by_head.setdefault(re.match(r"[a-z0-9]+[_/]?", t).group(0), []).append(t)
+        label = ", ".join(f"{h}*" if len(ts) > 2 else ", ".join(ts) for h, ts in by_head.items())
+        parts.append(f"{label}: {value.strip(chr(39))}")
+    return f"; tasks suggest {'; '.join(parts)}" if parts else ""
+
+
+def _default_text(f) -> str:
+    value = default_of(f)
+    if isinstance(value, list):
+        value = ",".join(map(str, value))
+    shown = "none" if value is None or value == "" else value
+    return f"(default: {shown}{_task_suggestions(f.name)})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m bora_lab", description="BoRA Lab: compare PEFT methods side by side.")
-    sub = p.add_subparsers(dest="command", parser_class=_Parser)
-    c = sub.add_parser("compare", help="fine-tune several methods side by side and compare them")
+    """The ``compare`` flags are generated from ``RunConfig``'s fields (one description per setting)."""
+    from . import __version__
+
+    p = _Parser(prog="bora-lab", description="BoRA Lab: compare parameter-efficient fine-tuning methods side by "
+                "side. `bora-lab COMMAND --help` describes each command.")
+    p.add_argument("--version", action="version", version=f"bora-lab {__version__}")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+    c = sub.add_parser("compare", help="fine-tune several methods side by side and compare them",
+                       description="Fine-tune several methods side by side on the same data and seed. Flags left "
+                       "out take the --config file's values, then the task's suggestions, then the defaults shown.")
+    c.add_argument("--config", metavar="FILE", help="a saved configuration: a run's config.json or a lesson's "
+                   "JSON (its \"settings\"); flags given override it")
+    for f in settings():
+        flag = _flag(f)
+        if not flag:
+            continue
+        meta = f.metadata
+        text = f"{meta.get('cli_help') or meta['help']} {_default_text(f)}"
+        kw: dict[str, Any] = {"dest": f.name, "help": text.replace("%", "%%")}
+        if meta.get("choices"):
+            kw["choices"] = list(meta["choices"])
+        else:
+            kw["type"] = _arg_type(f)
+        c.add_argument(flag, **kw)
     add = c.add_argument
-    add("--task", help="fine_foods (default), austen_books, austen_lm, synthetic_row|col|rank|mix, glue/<name>, "
-                       "or a Hugging Face dataset id")
-    add("--model", help="minilm (default), smollm2, or a Hugging Face model id")
-    add("--methods", type=_csv, help="comma-separated method names (default lora,dora,bora)")
-    add("--ranks", type=_ints, help="comma-separated ranks (default 8)")
-    add("--steps", type=int)
-    add("--lr", type=float, help="peak learning rate")
-    add("--alpha", type=float, help="LoRA scaling numerator (s = alpha / r)")
-    add("--batch-size", type=int)
-    add("--max-length", type=int, help="tokens per example")
-    add("--seed", type=int)
-    add("--eval-every", type=int)
-    add("--eval-samples", type=int, help="test examples per evaluation (0 = all)")
-    add("--analyze-every", type=int, help="steps between magnitude/direction snapshots")
-    add("--warmup-ratio", type=float)
-    add("--weight-decay", type=float)
-    add("--grad-clip", type=float, help="max gradient norm (0 disables)")
-    add("--train-samples", type=int, help="cap on training examples (0 = all)")
-    add("--target-modules", type=_csv, help="comma-separated module names to adapt (default per architecture)")
-    add("--analysis-module", help="module type to analyse (default: the attention query)")
-    add("--layers", type=_ints, help="comma-separated layer indices to analyse (default all)")
-    add("--device", choices=["auto", "cpu", "cuda", "mps"])
-    add("--num-layers", type=int, help="keep only the first N transformer layers")
-    add("--num-threads", type=int, help="torch CPU threads (default: auto, fewer when the CPU is busy)")
-    add("--text-column")
-    add("--label-column")
     add("--method-option", action="append", default=[], metavar="METHOD.OPTION=VALUE",
-        help="method option, repeatable (e.g. dora.detach_norm=false)")
-    add("--sequential", action="store_true", help="run one method after another instead of in lockstep")
-    add("--export-weights", action="store_true", help="save merged analysed weights at start and end")
-    add("--out", help="output folder (default $BORA_LAB_RUNS/<timestamp>, else runs/<timestamp>)")
+        help="method option, repeatable (e.g. dora.detach_norm=false); `bora-lab list` names the methods")
+    add("--sequential", action="store_true", help="run one method after another instead of in lockstep "
+        "(same numbers, less memory)")
+    add("--export-weights", action="store_true", help="save the merged analysed weights at the start and the end")
+    add("--out", help="output folder (default: $BORA_LAB_RUNS/<time>-<random>, else runs/<time>-<random>)")
     add("--no-html", action="store_true", help="skip figures.html")
-    add("--quiet", action="store_true", help="no progress bar")
-    sub.add_parser("list", help="list the methods and tasks")
+    add("--quiet", action="store_true", help="no progress output")
+    sub.add_parser("list", help="list the methods and tasks", description="List the methods and tasks.")
+    app = sub.add_parser("app", help="open the app (same as `python app.py`)",
+                         description="Serve the Gradio app on http://127.0.0.1:7860 "
+                         "(GRADIO_SERVER_NAME, GRADIO_SERVER_PORT change it).")
+    app.add_argument("--share", action="store_true", help="also open a public Gradio share link")
     return p
 
 
+def read_config_file(path: str) -> dict[str, Any]:
+    """The settings in ``path``: a run's ``config.json``, or a lesson (its ``settings``).
+
+    Raises:
+        ValueError: unreadable, not JSON, or not an object; unknown keys are named.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as err:
+        raise ValueError(f"--config {path}: cannot read it ({err.strerror or err})") from None
+    except ValueError as err:
+        raise ValueError(f"--config {path}: not valid JSON ({err})") from None
+    if isinstance(data, dict) and isinstance(data.get("settings"), dict):
+        data = data["settings"]  # a lesson
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a JSON object of settings, got {type(data).__name__}")
+    unknown = sorted(set(data) - {f.name for f in settings()})
+    if unknown:
+        raise ValueError(f"--config {path}: unknown setting(s) {', '.join(unknown)}")
+    return data
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """RunConfig from the parsed flags: given flags, then the task's suggestions, then the defaults."""
+    """RunConfig from the parsed flags: given flags, then the --config file, then the task's suggestions,
+    then the defaults."""
     from .train.tasks import task_defaults
 
-    names = {f.name for f in fields(RunConfig)}
+    names = {f.name for f in settings()}
     given = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    given["analysis_layers"] = args.layers
     if args.method_option:
         given["method_options"] = parse_method_options(args.method_option)
     if args.sequential:
         given["lockstep"] = False
     if args.export_weights:
         given["export_weights"] = True
-    values = {**task_defaults(given.get("task", RunConfig.task)), **{k: v for k, v in given.items() if v is not None}}
-    return RunConfig(**values)
+    saved = read_config_file(args.config) if getattr(args, "config", None) else {}
+    chosen = {**saved, **given}
+    return RunConfig(**{**task_defaults(chosen.get("task", RunConfig.task)), **chosen})
 
 
-class _ProgressBar:
-    """``[#####.....] 120/450 steps  ETA 35s`` on stderr, redrawn at most 5 times a second."""
+class Progress:
+    """Progress on stderr: a tqdm bar on a terminal; in a log (stderr not a terminal) one plain line at
+    the first step, then every 10% of the steps or every 30 s, and at the end, never ``\\r`` frames."""
 
-    def __init__(self, enabled: bool, width: int = 30):
-        self.enabled, self.width, self.last, self.drawn = enabled, width, 0.0, False
+    def __init__(self, enabled: bool, stream: Any = None):
+        self.stream = stream or sys.stderr
+        self.enabled, self.bar, self.last_t, self.last_pct = enabled, None, 0.0, -1
+        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
 
-    def update(self, done: int, total: int, eta: float, force: bool = False) -> None:
-        now = time.monotonic()
-        if not self.enabled or (now - self.last < 0.2 and not force and done < total):
+    def update(self, done: int, total: int, eta: float) -> None:
+        if not self.enabled:
             return
-        self.last = now
-        filled = int(self.width * done / max(total, 1))
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} steps  ETA {eta:4.0f}s ")
-        sys.stderr.flush()
-        self.drawn = True
+        if self.tty:
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, unit="step", file=self.stream, dynamic_ncols=True)
+            self.bar.total = total
+            self.bar.update(done - self.bar.n)
+            return
+        now, pct = time.monotonic(), int(10 * done / max(total, 1))
+        if self.last_pct < 0 or pct > self.last_pct or now - self.last_t >= 30 or done >= total:
+            self.last_t, self.last_pct = now, pct
+            self.stream.write(f"{done}/{total} steps ({100 * done / max(total, 1):.0f}%), ETA {eta:.0f}s\n")
+            self.stream.flush()
 
     def line(self, text: str) -> None:
-        """Print a message on its own line without breaking the bar."""
-        sys.stderr.write(("\n" if self.drawn else "") + text + "\n")
-        sys.stderr.flush()
-        self.drawn = False
+        """A message on its own line, without breaking the bar."""
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            self.stream.write(text + "\n")
+            self.stream.flush()
 
     def close(self) -> None:
-        if self.drawn:
-            sys.stderr.write("\n")
-            self.drawn = False
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -187,7 +272,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([fmt(cols), fmt(["-" * w for w in widths]), *(fmt(t) for t in text)])
 
 
-def cmd_list() -> int:
+def cmd_list(args: argparse.Namespace | None = None) -> int:
     from . import methods
     from .train.tasks import TASKS
 
@@ -211,7 +296,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     validate(cfg)
     # the same folder the app's History tab lists, so CLI runs show up there
-    out = args.out or os.path.join(os.environ.get("BORA_LAB_RUNS", "runs"), time.strftime("%Y%m%d-%H%M%S"))
+    out = args.out or default_out_dir()
     cancel = threading.Event()
 
     def on_sigint(signum, frame):  # first Ctrl-C: cancel between steps; second: abort
@@ -219,7 +304,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     previous = signal.signal(signal.SIGINT, on_sigint)
-    bar = _ProgressBar(enabled=not args.quiet)
+    bar = Progress(enabled=not args.quiet)
     results, weights, layers, failed = {}, {}, None, []
     try:
         for ev in compare(cfg, cancel):
@@ -251,13 +336,28 @@ def _overhead(results: dict) -> str:
     return f"{max(vals):.1f}% of step time (max over runs)" if vals else "n/a"
 
 
+def default_out_dir() -> str:
+    """``$BORA_LAB_RUNS/<time>-<random>`` (else ``runs/...``): the app's History lists the same folder,
+    and two runs started in the same second get different folders."""
+    return os.path.join(os.environ.get("BORA_LAB_RUNS", "runs"),
+                        f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}")
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    from .ui.layout import build_demo, launch
+
+    launch(build_demo(), share=args.share)
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:
-        args = parser.parse_args(["compare", *(argv if argv is not None else sys.argv[1:])])
+    if args.command is None:  # bare `bora-lab`: say what there is, start nothing
+        parser.print_help()
+        return EXIT_OK
     try:
-        return cmd_list() if args.command == "list" else cmd_compare(args)
+        return {"list": cmd_list, "app": cmd_app, "compare": cmd_compare}[args.command](args)
     except (ValueError, TypeError, FileNotFoundError, OSError) as err:
         if os.environ.get("BORA_LAB_DEBUG"):
             raise

@@ -1,62 +1,112 @@
-"""``RunConfig``: the one object the UI, the CLI and the notebook API hand to the trainer."""
+"""``RunConfig``: the one object the UI, the CLI and the Python API hand to the engine.
+
+Every setting is described once, here: its default, label, help, group and bounds live in the
+field's metadata (as a method's options do in its ``AdapterConfig``). The CLI's flags, the app's
+widgets and labels, and validation are generated from it, so a new setting is one ``setting(...)``
+line. Bounds are checked in ``__post_init__``: a bad value raises ``ValueError`` naming the field.
+"""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from typing import Any
+
+MAIN, TRAINING, MODULES, COLUMNS, MORE = ("", "Training details", "Adapted and analysed modules",
+                                          "Custom dataset columns", "More settings")
+GROUPS = (MAIN, TRAINING, MODULES, COLUMNS, MORE)  # the app's order: main column, then one accordion each
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def setting(default: Any, label: str, help: str, group: str | None = MORE, *, min: float | None = None,
+            above: float | None = None, max: float | None = None, choices: tuple | None = None, flag: str | None = None,
+            cli_help: str | None = None, factory: Any = None) -> Field:
+    """A ``RunConfig`` field with its one description.
+
+    Args:
+        default: the default value (``factory`` for lists and dicts).
+        label: the app's label, e.g. "Learning rate".
+        help: one line for the app's info text and the CLI's help.
+        group: the app's group (``GROUPS``); ``None`` keeps the field out of the app's form.
+        min, max: inclusive bounds of a number, or of each item of a list of numbers.
+        above: an exclusive lower bound (the value must be greater).
+        choices: the allowed values.
+        flag: the CLI flag when not ``--<name with dashes>``; ``""`` for no flag.
+        cli_help: the CLI's help when it differs from ``help`` (e.g. "comma-separated").
+    """
+    meta = {"label": label, "help": help, "group": group, "min": min, "above": above, "max": max, "choices": choices,
+            "flag": flag, "cli_help": cli_help}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class RunConfig:
     """A side-by-side comparison: every (method, rank) pair is one run on the same data and seed."""
 
-    model: str = "minilm"  # offline id ("minilm", "smollm2") or any Hugging Face model id
-    task: str = "fine_foods"  # offline task, "synthetic_*", "glue/<name>", or a `datasets` id
-    methods: list[str] = field(default_factory=lambda: ["lora", "dora", "bora"])  # registry names
-    ranks: list[int] = field(default_factory=lambda: [8])  # one run per (method, rank)
-    alpha: float = 16.0  # LoRA scaling numerator, s = alpha / r
-    lr: float = 1e-3  # peak learning rate (AdamW); 2e-3 already stalls DoRA/BoRA at bs 8 on fine_foods
-    steps: int = 150  # optimizer steps per run
-    batch_size: int = 8  # defaults sized so lora,dora,bora x 150 steps on MiniLM take < 3 min on 2 CPU cores
-    max_length: int = 40  # tokens per example (fine_foods reviews: median 69; 48 gains ~1% accuracy, costs 20%)
-    seed: int = 0  # same seed, initial head and batch order for every run
-    warmup_ratio: float = 0.06  # linear warm-up then cosine decay (BoRA table 6)
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
-    eval_every: int = 50  # steps between evaluations (and at the end)
-    eval_samples: int = 200  # test examples per evaluation, a fixed seeded subset (0 = whole split)
-    analyze_every: int = 10  # steps between magnitude/direction snapshots
-    target_modules: list[str] | None = None  # None = architecture default (BERT: query,key,value,dense)
-    analysis_module: str | None = None  # module type to analyse; None = attention query
-    analysis_layers: list[int] | None = None  # layer indices to analyse; None = all
-    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # {"dora": {"detach_norm": False}}
-    device: str = "auto"  # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "mps"
-    num_layers: int | None = None  # keep only the first N transformer layers (fast demos/tests)
-    lockstep: bool = True  # advance all runs one step at a time (curves grow together)
-    train_samples: int = 0  # cap on training examples (0 = all)
-    text_column: str | None = None  # column mapping for custom `datasets` ids
-    label_column: str | None = None
-    num_threads: int = 0  # torch CPU threads while training; 0 = auto (all cores, or fewer when the CPU is busy)
-    export_weights: bool = False  # keep the merged analysed weights at the start and end (safetensors)
-    layer_checkpoints: int = 8  # analysis steps (besides step 0) whose W, ΔW are kept for "Inside a layer"; 0 = none
+    model: str = setting("minilm", "Model", "offline: minilm (BERT encoder), smollm2 (Llama decoder); "
+                         "or any Hugging Face model id", MAIN)
+    task: str = setting("fine_foods", "Task", "offline: fine_foods, austen_books, austen_lm, synthetic_*; "
+                        "online: glue/<name> or any datasets id", MAIN)
+    methods: list[str] = setting(None, "Methods", "one run per method and rank, all on the same seed and batches",
+                                 MAIN, factory=lambda: ["lora", "dora", "bora"], cli_help="comma-separated method names")
+    ranks: list[int] = setting(None, "Ranks", "one run per rank for each method that has one", MAIN, min=1, max=4096,
+                               factory=lambda: [8], cli_help="comma-separated ranks")
+    alpha: float = setting(16.0, "Alpha", "LoRA scaling numerator, s = alpha / r", MAIN, min=0)
+    # 2e-3 already stalls DoRA/BoRA at batch size 8 on fine_foods
+    lr: float = setting(1e-3, "Learning rate", "AdamW peak learning rate", MAIN, above=0, max=1e6)
+    # defaults sized so lora,dora,bora x 150 steps on MiniLM take < 3 min on 2 CPU cores
+    steps: int = setting(150, "Steps", "optimizer steps per run", MAIN, min=1, max=100_000)
+    batch_size: int = setting(8, "Batch size", "examples per step", MAIN, min=1, max=1024)
+    seed: int = setting(0, "Seed", "same seed, initial head and batch order for every run", MAIN, min=0, max=2**32 - 1)
+    # fine_foods reviews: median 69 tokens; 48 gains ~1% accuracy and costs 20% time
+    max_length: int = setting(40, "Max tokens", "tokens per example", TRAINING, min=1, max=8192)
+    num_layers: int | None = setting(None, "Layers kept", "keep only the first N transformer layers (fewer = faster "
+                                     "demo); empty or 0 = all", TRAINING, min=1, max=1000)
+    train_samples: int = setting(0, "Training examples", "cap on training examples; 0 = all", TRAINING,
+                                 min=0, max=10_000_000)
+    warmup_ratio: float = setting(0.06, "Warm-up ratio", "share of steps in linear warm-up, then cosine decay "
+                                  "(BoRA paper, table 6)", TRAINING, min=0, max=0.999)
+    weight_decay: float = setting(0.0, "Weight decay", "AdamW decoupled weight decay", TRAINING, min=0, max=10)
+    grad_clip: float = setting(1.0, "Gradient clipping", "max gradient norm; 0 = off", TRAINING, min=0)
+    eval_every: int = setting(50, "Evaluate every", "steps between evaluations (and at the end)", TRAINING,
+                              min=1, max=100_000)
+    eval_samples: int = setting(200, "Eval examples", "test examples per evaluation, a fixed seeded subset; "
+                                "0 = the whole test split", TRAINING, min=0, max=1_000_000)
+    lockstep: bool = setting(True, "Lockstep", "advance all runs one step at a time, so curves grow together",
+                             TRAINING, flag="", cli_help="")
+    device: str = setting("auto", "Device", "auto = cuda, then mps, then cpu", TRAINING, choices=DEVICES)
+    target_modules: list[str] | None = setting(None, "Target modules", "modules to adapt; empty = the "
+                                               "architecture's default (BERT: query, key, value, dense)", MODULES,
+                                               cli_help="comma-separated module names to adapt (default: the "
+                                               "architecture's, BERT: query,key,value,dense)")
+    analysis_module: str | None = setting(None, "Analysed module", "module type whose ΔM/ΔD is tracked; empty = "
+                                          "the attention query (as in the BoRA paper)", MODULES)
+    analyze_every: int = setting(10, "Analyse every", "steps between ΔM/ΔD snapshots", MODULES, min=1, max=100_000)
+    analysis_layers: list[int] | None = setting(None, "Analysed layers", "layer indices to analyse, e.g. 0, 2, 4 "
+                                                "or 0-3; empty = all", MODULES, min=0, max=1000, flag="--layers",
+                                                cli_help="comma-separated layer indices to analyse (default: all)")
+    layer_checkpoints: int = setting(8, "Layer checkpoints", "analysis steps (besides step 0) whose W and ΔW are "
+                                     "kept for 'Inside a layer'; 0 = none", MODULES, min=0, max=64)
+    text_column: str | None = setting(None, "Text column", "custom datasets only; empty = guess", COLUMNS)
+    label_column: str | None = setting(None, "Label column", "custom datasets only; empty = guess", COLUMNS)
+    method_options: dict[str, dict[str, Any]] = setting(None, "Method options", "per-method options, e.g. "
+                                                        '{"dora": {"detach_norm": false}}', None, factory=dict,
+                                                        flag="")
+    num_threads: int = setting(0, "CPU threads", "torch CPU threads while training; 0 = auto (the cores that "
+                               "other processes leave idle now)", None, min=0, max=1024)
+    export_weights: bool = setting(False, "Export weights", "keep the merged analysed weights at the start and "
+                                   "the end (safetensors)", None, flag="")
 
     def __post_init__(self):
+        if self.num_layers == 0:  # the app's and CLI's "0 = all"
+            self.num_layers = None
         if not self.methods:
             raise ValueError("select at least one method")
-        if not self.ranks or any((not isinstance(r, int)) or r < 1 for r in self.ranks):
+        if not self.ranks or any(isinstance(r, bool) or not isinstance(r, int) for r in self.ranks):
             raise ValueError(f"ranks must be positive integers, got {self.ranks}")
-        for name in ("steps", "batch_size", "max_length", "eval_every", "analyze_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"learning rate must be > 0, got {self.lr}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.layer_checkpoints < 0:
-            raise ValueError(f"layer_checkpoints must be >= 0 (0 = none), got {self.layer_checkpoints}")
-        if self.num_threads < 0:
-            raise ValueError(f"num_threads must be >= 0 (0 = auto), got {self.num_threads}")
-        if self.device not in ("auto", "cpu", "cuda", "mps"):
-            raise ValueError(f"device must be auto, cpu, cuda or mps, got {self.device!r}")
+        for f in fields(self):
+            check_value(f, getattr(self, f.name))
 
     def run_specs(self) -> list[tuple[str, str, int]]:
         """``(run_id, method, rank)`` for every run, methods outer, ranks inner.
@@ -85,3 +135,54 @@ class RunConfig:
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class SettingError(ValueError):
+    """A setting out of its bounds: ``str()`` names it (``"steps must be >= 1, got 0"``); the app
+    says ``label + problem`` instead (``"Steps must be >= 1, got 0"``)."""
+
+    def __init__(self, name: str, problem: str):
+        super().__init__(f"{name} {problem}")
+        self.name, self.problem = name, problem
+
+    def for_people(self) -> str:
+        """The message with the field's label in place of its name."""
+        f = RunConfig.__dataclass_fields__.get(self.name)
+        return f"{f.metadata['label'] if f else self.name} {self.problem}"
+
+
+def check_value(f: Field, value: Any) -> None:
+    """Check ``value`` against the bounds and choices of field ``f``.
+
+    Raises:
+        ValueError: ``"<name> must be >= <min>, got <value>"`` and the like.
+    """
+    meta, name = f.metadata, f.name
+    if value is None:
+        return
+    if meta.get("choices") and value not in meta["choices"]:
+        raise SettingError(name, f"must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
+    lo, above, hi = meta.get("min"), meta.get("above"), meta.get("max")
+    if lo is None and above is None and hi is None:
+        return
+    for v in value if isinstance(value, list) else [value]:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise SettingError(name, f"must be a number, got {v!r}")
+        if not math.isfinite(v):
+            raise SettingError(name, f"must be a finite number, got {v}")
+        if lo is not None and v < lo:
+            raise SettingError(name, f"must be >= {lo}, got {v}")
+        if above is not None and v <= above:
+            raise SettingError(name, f"must be > {above}, got {v}")
+        if hi is not None and v > hi:
+            raise SettingError(name, f"must be <= {hi:,}, got {v:,}")
+
+
+def settings(group: str | None = "any") -> list[Field]:
+    """The ``RunConfig`` fields, in order; only those of ``group`` when given (``None``: not in the app)."""
+    return [f for f in fields(RunConfig) if group == "any" or f.metadata.get("group") == group]
+
+
+def default_of(f: Field) -> Any:
+    """The default value of a ``RunConfig`` field."""
+    return f.default_factory() if f.default is MISSING else f.default

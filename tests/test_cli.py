@@ -88,10 +88,73 @@ def test_tiny_run_writes_folder(tmp_path):
     assert cfg["lr"] == 0.01 and cfg["steps"] == 6  # task default lr, explicit steps
 
 
-def test_progress_bar_on_stderr(tmp_path):
+def test_progress_in_a_log_is_plain_lines(tmp_path):
+    """stderr is a pipe here (a log): whole lines, no carriage-return frames."""
     out = cli("compare", *[a for a in SYNTH if a != "--quiet"], "--no-html", "--out", str(tmp_path), text=False)
     assert out.returncode == 0
-    assert b"\r[" in out.stderr and b"12/12 steps" in out.stderr and b"ETA" in out.stderr
+    assert b"\r" not in out.stderr and b"12/12 steps (100%)" in out.stderr and b"ETA" in out.stderr
+    assert len(out.stderr.splitlines()) <= 12  # at most one line per 10% (or 30 s), not one per step
+
+
+def test_progress_on_a_terminal_uses_tqdm():
+    import io
+
+    from bora_lab.cli import Progress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Tty()
+    bar = Progress(enabled=True, stream=stream)
+    for done in range(1, 51):
+        bar.update(done, 50, eta=0.0)
+    bar.close()
+    assert "50/50" in stream.getvalue() and "\r" in stream.getvalue()
+
+
+def test_bare_command_prints_help_and_version():
+    out = cli()
+    assert out.returncode == 0 and "compare" in out.stdout and "usage: bora-lab" in out.stdout
+    from bora_lab import __version__
+
+    assert cli("--version").stdout.strip() == f"bora-lab {__version__}"
+
+
+def test_every_flag_has_help_with_its_default():
+    import re
+
+    text = cli("compare", "--help").stdout
+    flags = set(re.findall(r"^  (--[a-z-]+)", text, re.M))
+    assert {"--steps", "--lr", "--layers", "--layer-checkpoints", "--config", "--grad-clip"} <= flags
+    for f in build_parser()._subparsers._group_actions[0].choices["compare"]._actions:
+        assert f.help, f.option_strings
+    assert re.search(r"--steps STEPS\s+optimizer steps per run \(default: 150;", text)
+
+
+def test_config_file_then_flags(tmp_path):
+    from bora_lab.cli import read_config_file
+
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps({"task": "synthetic_col", "methods": ["lora"], "ranks": [2], "steps": 7}))
+    cfg = config_from_args(build_parser().parse_args(["compare", "--config", str(saved), "--steps", "5"]))
+    assert cfg.task == "synthetic_col" and cfg.methods == ["lora"] and cfg.steps == 5 and cfg.lr == 0.01
+    lesson = tmp_path / "lesson.json"
+    lesson.write_text(json.dumps({"id": "x", "settings": {"methods": ["bora"], "seed": 3}}))
+    assert read_config_file(str(lesson)) == {"methods": ["bora"], "seed": 3}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"stepz": 3}))
+    with pytest.raises(ValueError, match="unknown setting.*stepz"):
+        read_config_file(str(bad))
+    out = cli("compare", "--config", str(tmp_path / "missing.json"))
+    assert out.returncode == 2
+    _one_error_line(out.stderr, "cannot read it")
+
+
+def test_default_out_folders_differ():
+    from bora_lab.cli import default_out_dir
+
+    assert default_out_dir() != default_out_dir()
 
 
 def test_list():

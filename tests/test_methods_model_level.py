@@ -296,7 +296,15 @@ def test_parity_with_peft(minilm, name, arch):
         vec = torch.stack([keys, values], 1).permute(3, 0, 1, 2, 4).reshape(n, -1)
     with torch.no_grad():
         ref.prompt_encoder["default"].embedding.weight.copy_(vec)
-        theirs = ref(**batch).logits
+        try:
+            theirs = ref(**batch).logits
+        except ValueError as err:  # PEFT's failure, not ours: name both versions, retest when PEFT follows
+            if name != "prefix" or "past key values" not in str(err):
+                raise
+            import transformers
+
+            pytest.skip(f"PEFT {peft_mod.__version__} prefix tuning ({task}) calls the backbone with past_key_values, "
+                        f"which transformers {transformers.__version__} renamed to cache; PEFT raises {str(err)!r}")
         theirs = theirs[:, -n_real:] if n_real and theirs.shape[1] != n_real else theirs
         torch.testing.assert_close(ours(**batch).logits, theirs, atol=1e-5, rtol=1e-5)
 

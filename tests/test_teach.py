@@ -227,7 +227,7 @@ def _lesson(**changes):
     (json.dumps(_lesson(settings={"ranks": [8, "x"]})), r"'settings.ranks\[1\]' must be a whole number"),
     (json.dumps(_lesson(settings={"methods": "lora"})), r"'settings.methods' must be a list"),
     (json.dumps(_lesson(settings={"epochs": 3})), r"'settings.epochs' is not a RunConfig field"),
-    (json.dumps(_lesson(settings={"ranks": [0]})), r"'settings' is invalid: ranks must be positive"),
+    (json.dumps(_lesson(settings={"ranks": [0]})), r"'settings' is invalid: ranks must be >= 1, got 0"),
     (json.dumps(_lesson(settings={"methods": ["Bad Name"]})), r"'settings.methods\[0\]' .* is not a method name"),
     (json.dumps(_lesson(view="3d")), r"'view' = '3d' is not one of"),
     (json.dumps(_lesson(settings={"method_options": {"dora": 1}})), r"'settings.method_options.dora' must be an object"),

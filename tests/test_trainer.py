@@ -115,6 +115,15 @@ def test_results_schema_and_files(tiny_events, tmp_path):
     for view in ("from_start", "step_to_step"):
         assert set(run0["analysis"][-1][view]) == {"dM_row", "dM_col", "dD_row", "dD_col"}
     assert load_results(tmp_path) == on_disk
+    env = on_disk["environment"]  # what produced it
+    import bora_lab
+    import torch
+    import transformers
+
+    assert env["packages"]["torch"] == torch.__version__ and env["packages"]["transformers"] == transformers.__version__
+    assert env["bora_lab"] == bora_lab.__version__ and env["python"] and env["device_name"]
+    assert env["num_threads"] == on_disk["num_threads"] and set(env["packages"]) >= {"peft", "gradio", "datasets"}
+    assert env["git"] is None or len(env["git"]["commit"]) == 40
     assert json.loads((tmp_path / "config.json").read_text())["methods"] == ["lora", "dora", "bora"]
     with open(tmp_path / "steps.csv") as f:
         rows = list(csv.DictReader(f))

@@ -159,7 +159,7 @@ def test_a_new_method_needs_no_ui_code():
     ({"steps": 0}, "Steps must be >= 1"),
     ({"steps": 2.5}, "Steps must be a whole number"),
     ({"lr": "fast"}, "Learning rate must be a number"),
-    ({"lr": 0}, "Learning rate must be > 0"),
+    ({"lr": 0}, "Learning rate must be > 0, got 0"),
     ({"batch_size": None}, "Batch size is empty"),
     ({"model": "  "}, "Enter a model"),
     ({"analysis_layers": "0, two"}, "'two' is not a whole number"),

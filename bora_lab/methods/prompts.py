@@ -9,7 +9,7 @@ ordinary call ``model(input_ids=..., attention_mask=..., labels=...)`` works unc
   their shapes. Encoders get the prompt after the first token ([CLS], which the pooler reads);
   decoders before the first token.
 * prefix: the pre-hook puts ``n`` trainable key/value vectors per layer into a fresh
-  ``DynamicCache`` (``past_key_values``) and extends ``attention_mask``: every attention layer
+  ``DynamicCache`` (passed as ``cache``, or ``past_key_values`` on older ``transformers``) and extends ``attention_mask``: every attention layer
   attends to them, and ``transformers`` builds the masks (as PEFT does). As in PEFT, the prefix
   holds positions ``0..n-1`` and the real tokens start at ``n`` (given ``position_ids`` are shifted
   too, so cached generation matches a plain forward).
@@ -101,6 +101,20 @@ def _kv_geometry(config) -> tuple[int, int, int]:
     return config.num_hidden_layers, kv, getattr(config, "head_dim", None) or config.hidden_size // heads
 
 
+_CACHE_ARGS = ("cache", "past_key_values")
+
+
+def _cache_arg(base: nn.Module) -> str:
+    """The name under which ``base.forward`` takes its key/value cache.
+
+    Older ``transformers`` 5 releases call it ``past_key_values``; newer ones call it ``cache`` and
+    ignore ``past_key_values`` (with a warning) whenever ``cache`` is passed too, even as ``None``,
+    which is what the task heads (``LlamaForCausalLM``...) do. The prefix must go in under the name
+    the model reads, or it is silently dropped.
+    """
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 def _insert(t: Tensor, k: int, block: Tensor) -> Tensor:
     """``t[:, :k] ++ block ++ t[:, k:]`` along dim 1."""
     return torch.cat([t[:, :k], block, t[:, k:]], dim=1)
@@ -112,9 +126,15 @@ class _Hooked(nn.Module):
     def __init__(self, model: nn.Module, n: int):
         super().__init__()
         self.arg_names, self.n = list(inspect.signature(_base(model).forward).parameters), n
+        self.cache_arg = _cache_arg(_base(model))
 
     def bind(self, args: tuple, kwargs: dict) -> dict:
-        return {**dict(zip(self.arg_names, args)), **kwargs}
+        """The call's arguments by name; a key/value cache under either name ends up under ``cache_arg``."""
+        kw = {**dict(zip(self.arg_names, args)), **kwargs}
+        given = [kw.pop(name) for name in _CACHE_ARGS if name in kw]
+        if given or self.cache_arg in self.arg_names:
+            kw[self.cache_arg] = next((c for c in given if c is not None), None)
+        return kw
 
     def attach(self, model: nn.Module, attr: str) -> None:
         base = _base(model)
@@ -138,7 +158,7 @@ class VirtualTokens(_Hooked):
     def pre_hook(self, module, args, kwargs):
         kw = self.bind(args, kwargs)
         n, k = self.n, self.insert_at
-        past = kw.get("past_key_values")
+        past = kw.get(self.cache_arg)
         self._inserted = past is None or past.get_seq_length() == 0
         pos = kw.get("position_ids")
         if self._inserted:
@@ -296,7 +316,7 @@ class PTuning(ModelMethod):
 
 # -- prefix tuning ---------------------------------------------------------------------------------
 class PrefixKV(_Hooked):
-    """Trainable keys/values ``[layers, kv_heads, n, head_dim]`` fed to the model as ``past_key_values``."""
+    """Trainable keys/values ``[layers, kv_heads, n, head_dim]`` fed to the model as its key/value cache."""
 
     def __init__(self, model: nn.Module, cfg: PrefixConfig):
         n = cfg.num_virtual_tokens
@@ -333,9 +353,9 @@ class PrefixKV(_Hooked):
         kw = self.bind(args, kwargs)
         ref = kw["input_ids"] if kw.get("input_ids") is not None else kw["inputs_embeds"]
         b, length = ref.shape[:2]
-        past = kw.get("past_key_values")
+        past = kw.get(self.cache_arg)
         if past is None:
-            past = kw["past_key_values"] = DynamicCache(config=module.config)
+            past = kw[self.cache_arg] = DynamicCache(config=module.config)
         if past.get_seq_length() == 0:
             keys, values = self.key_values()
             for i in range(keys.shape[0]):
@@ -357,7 +377,8 @@ def _token_key_values(base: nn.Module, n: int) -> tuple[Tensor, Tensor]:
     cache, emb, was_training = DynamicCache(config=base.config), base.get_input_embeddings().weight, base.training
     base.eval()
     try:
-        base(input_ids=torch.randint(0, emb.shape[0], (1, n), device=emb.device), past_key_values=cache, use_cache=True)
+        ids = torch.randint(0, emb.shape[0], (1, n), device=emb.device)
+        base(input_ids=ids, use_cache=True, **{_cache_arg(base): cache})
     finally:
         base.train(was_training)
     keys = torch.stack([layer.keys[0] for layer in cache.layers])  # (layers, kv, n, hd)

@@ -51,6 +51,7 @@ from .events import (
     RunStarted,
     Step,
 )
+from .environment import environment
 from .pipeline import Pipeline, make_pipeline
 from .results import ResultsAccumulator, save_results, summarize
 from .runstate import PEAK_MEM_KIND, NonFiniteLoss, RunState, describe_error, pick_device, select_analysed
@@ -163,6 +164,7 @@ def compare(cfg: RunConfig, cancel: threading.Event | None = None) -> Iterator[E
     if device.type == "cpu":
         torch.set_num_threads(_cpu_threads(cfg, pipeline))
     ctx.acc.results["num_threads"] = torch.get_num_threads() if device.type == "cpu" else None
+    ctx.acc.results["environment"] = environment(device, ctx.acc.results["num_threads"])
     try:
         yield from _schedule(ctx, alive, cancel)
     finally:

@@ -14,7 +14,7 @@ import math
 import re
 from typing import Any
 
-from bora_lab.config import RunConfig
+from bora_lab.config import RunConfig, SettingError
 from bora_lab.methods import registry
 
 OPTION_SEP = "."
@@ -238,7 +238,7 @@ def config_from_ui(**values: Any) -> RunConfig:
     try:
         return RunConfig(**kwargs)
     except ValueError as err:
-        msg = str(err)
+        msg = err.for_people() if isinstance(err, SettingError) else str(err)
         raise ValueError(msg[:1].upper() + msg[1:] + ("" if msg.endswith(".") else ".")) from None
 
 
