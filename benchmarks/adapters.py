@@ -3,7 +3,7 @@
     python benchmarks/adapters.py                 # CPU (or the GPU if there is one), ranks 8 and 64
     python benchmarks/adapters.py --device cuda   # CUDA with bf16 autocast
 
-Setup (issue 3): the offline all-MiniLM-L6-v2 with a 2-label head, batch 32 x 64 tokens of real
+Setup: the offline all-MiniLM-L6-v2 with a 2-label head, batch 32 x 64 tokens of real
 fine-food reviews, targets query/key/value/dense, AdamW. Every variant is built up front and the
 variants take turns step by step (interleaved), so drifts in machine speed hit them all alike.
 Prints the median step time of each and its ratio to PEFT LoRA at the same rank, plus memory:

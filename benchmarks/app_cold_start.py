@@ -6,7 +6,7 @@ Each repeat runs in a new interpreter (nothing cached in memory; the OS file cac
 first). Phases: ``gradio`` (import gradio), ``bora_lab`` (import the UI package: torch, the method
 registry, plotly), ``build`` (``build_demo()``), ``total`` = the whole run as seen from outside,
 interpreter start-up included, and ``total CPU`` = the child's user + system CPU seconds (a figure
-that other busy processes on the machine do not inflate). The issue's budget is 10 s.
+that other busy processes on the machine do not inflate). The target is 10 s.
 """
 from __future__ import annotations
 

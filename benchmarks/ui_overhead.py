@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gradio as gr  # noqa: E402
 
 from bora_lab.config import RunConfig  # noqa: E402
-from bora_lab.train.results import ResultsAccumulator  # noqa: E402
-from bora_lab.train.trainer import compare  # noqa: E402
+from bora_lab.record import ResultsAccumulator  # noqa: E402
+from bora_lab.engine.trainer import compare  # noqa: E402
 from bora_lab.ui import handlers, live  # noqa: E402
 
 

@@ -102,7 +102,7 @@ def _arg_type(f) -> Any:
 
 def _task_suggestions(name: str) -> str:
     """``"; tasks suggest: synthetic_*: 600, austen_lm: 20"`` for the tasks that change ``name``."""
-    from .train.tasks import TASKS
+    from .engine.tasks import TASKS
 
     by_value: dict[str, list[str]] = {}
     for task, spec in TASKS.items():
@@ -194,7 +194,7 @@ def read_config_file(path: str) -> dict[str, Any]:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """RunConfig from the parsed flags: given flags, then the --config file, then the task's suggestions,
     then the defaults."""
-    from .train.tasks import task_defaults
+    from .engine.tasks import task_defaults
 
     names = {f.name for f in settings()}
     given = {k: v for k, v in vars(args).items() if k in names and v is not None}
@@ -250,7 +250,7 @@ class Progress:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """Plain-text table of ``plots.results_table`` rows."""
+    """Plain-text table of ``record.results_table`` rows."""
     if not rows:
         return "(no runs)"
 
@@ -274,7 +274,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def cmd_list(args: argparse.Namespace | None = None) -> int:
     from . import methods
-    from .train.tasks import TASKS
+    from .engine.tasks import TASKS
 
     print("methods:")
     for name in methods.available():
@@ -289,9 +289,9 @@ def cmd_list(args: argparse.Namespace | None = None) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .plots import results_table
-    from .train.results import save_results
-    from .train.trainer import compare, validate
+    from .engine.trainer import compare, validate
+    from .figures import report_html
+    from .record import ResultsAccumulator, results_table, save_results
 
     cfg = config_from_args(args)
     validate(cfg)
@@ -305,10 +305,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     bar = Progress(enabled=not args.quiet)
-    results, weights, layers, failed = {}, {}, None, []
+    acc, weights, failed = ResultsAccumulator(cfg), {}, []
     try:
         for ev in compare(cfg, cancel):
-            if ev.kind == "progress":
+            acc.update(ev)
+            if ev.kind == "comparison_started" and not args.quiet:
+                bar.line(f"training {len(cfg.run_ids())} run(s) on {ev.device}: {_threads_text(acc.results)}")
+            elif ev.kind == "progress":
                 bar.update(ev.done_steps, ev.total_steps, ev.eta_s)
             elif ev.kind == "error":
                 failed.append(ev.run_id)
@@ -316,18 +319,27 @@ def cmd_compare(args: argparse.Namespace) -> int:
             elif ev.kind == "cancelled":
                 bar.line(f"cancelled: {ev.message}")
             elif ev.kind == "comparison_done":
-                results, weights, layers = ev.results, ev.weights, ev.layers
+                weights = ev.weights
     finally:
         signal.signal(signal.SIGINT, previous)
         bar.close()
-    save_results(results, out, weights=weights, html=not args.no_html, layers=layers)
+    results = acc.results
+    save_results(results, out, weights=weights, layers=acc.layers,
+                 figures_html=None if args.no_html else report_html(results))
     print(format_table(results_table(results)))
     extra = f"; overheads: analysis {_overhead(results)}" if results.get("runs") else ""
-    print(f"\n{results['status']} in {results.get('elapsed_s', 0):.0f}s on {results.get('device')} "
-          f"({'lockstep' if results.get('lockstep') else 'sequential'}){extra}; saved to {out}")
+    print(f"\n{results['status']} in {results.get('elapsed_s') or 0:.0f}s on {results.get('device')}, "
+          f"{_threads_text(results)} ({'lockstep' if results.get('lockstep') else 'sequential'}){extra}; "
+          f"saved to {out}")
     if cancel.is_set():
         return EXIT_CANCELLED
     return EXIT_RUN_FAILED if failed else EXIT_OK
+
+
+def _threads_text(results: dict) -> str:
+    """``"2 CPU threads (auto: ...)"``, or the device's note on a GPU."""
+    n, why = results.get("num_threads"), results.get("threads_reason") or ""
+    return f"{n} CPU thread{'s' if n != 1 else ''} ({why})" if n else why
 
 
 def _overhead(results: dict) -> str:

@@ -199,9 +199,10 @@ def test_ctrl_c_cancels_and_saves(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     seen = threading.Event()
 
-    def watch():  # the progress bar shows that training has started
-        while proc.stderr.read(1):
-            seen.set()
+    def watch():  # a progress line shows that training has started
+        for line in proc.stderr:
+            if b" steps (" in line:
+                seen.set()
 
     threading.Thread(target=watch, daemon=True).start()
     assert seen.wait(90), "no progress within 90 s"

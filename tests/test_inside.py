@@ -11,11 +11,11 @@ import torch
 from bora_lab import methods
 from bora_lab.config import RunConfig
 from bora_lab.methods import METHODS
-from bora_lab.plots import layer as L
-from bora_lab.train import runstate
-from bora_lab.train.layers import LayerStore, _json_safe
-from bora_lab.train.results import save_results
-from bora_lab.train.trainer import checkpoint_steps, compare
+from bora_lab.figures import layer_views as L
+from bora_lab.engine import runstate
+from bora_lab.record.layer_store import LayerStore, _json_safe
+from bora_lab.record import fold, save_results
+from bora_lab.engine.trainer import checkpoint_steps, compare
 from bora_lab.ui import live, tab_inside
 
 LAYER_RUNS = ("lora-r4", "dora-r4", "bora-r4", "sbora_fa-r4", "qlora-r4", "mora-r4", "adalora-r4")
@@ -34,9 +34,9 @@ def real(tmp_path_factory):
     """One real comparison of 8 methods on MiniLM cut to 2 layers (about 10 s on 2 cores), saved."""
     torch.manual_seed(0)
     events = list(compare(tiny()))
-    done = events[-1]
+    done = fold(tiny(), events)
     folder = tmp_path_factory.mktemp("runs") / "20260101-000000-inside"
-    save_results(done.results, folder, layers=done.layers, html=False)
+    save_results(done.results, folder, layers=done.layers)
     return events, done.layers, folder
 
 

@@ -15,7 +15,7 @@ import torch
 
 from bora_lab import methods
 from bora_lab.methods import METHODS
-from bora_lab.methods.model import head_module_names
+from bora_lab.methods.whole_model import head_module_names
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()

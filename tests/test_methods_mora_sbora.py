@@ -54,7 +54,8 @@ def test_mora_matches_lora_budget(kind, d_in, d_out, rank):
 
 
 def test_mora_lecture_example():
-    # seed 001: a 4096×4096 layer, LoRA r=8 has 65,536 parameters, MoRA uses a 256×256 M
+    # lecture notes 'Parameter-Efficient Fine-Tuning' (EE4016), MoRA section: a 4096×4096 layer,
+    # LoRA r=8 has 65,536 parameters, MoRA uses a 256×256 M
     assert mora_rank(8, 4096, 4096) == 256
 
 

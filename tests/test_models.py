@@ -1,4 +1,4 @@
-"""Tests for bora_lab.train.models: real pretrained weights, loaded offline.
+"""Tests for bora_lab.engine.loading: real pretrained weights, loaded offline.
 
 The SmolLM2 test converts a GGUF file (~20 s) into a temporary cache and is marked ``slow``; it
 runs only when selected with ``-m slow`` or with ``BORA_LAB_SLOW=1`` set.
@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from bora_lab.train import models
-from bora_lab.train.models import (
+from bora_lab.engine import loading as models
+from bora_lab.engine.loading import (
     OFFLINE_MODELS,
     LoadedModel,
     ModelLoadError,
@@ -145,7 +145,7 @@ def test_unreachable_hub_is_detected_without_offline_flag(monkeypatch):
         raise OSError("unreachable")
 
     monkeypatch.setattr(models.socket, "create_connection", refuse)
-    assert models._hub_reachable() is False
+    assert models.hub_reachable() is False
     with pytest.raises(ModelLoadError, match="unreachable"):
         load_model("no-such-org/definitely-not-a-model-3f9c", "classification")
 

@@ -7,18 +7,17 @@ import plotly.graph_objects as go
 import pytest
 
 from bora_lab.config import RunConfig
-from bora_lab.plots import (
+from bora_lab.figures import (
     all_figures,
     dora_scatter_figure,
     loss_figure,
     md_figure,
     method_color,
     metric_figure,
-    results_table,
     save_html,
 )
-from bora_lab.train.results import ResultsAccumulator
-from bora_lab.train.trainer import compare
+from bora_lab.record import ResultsAccumulator, fold, results_table
+from bora_lab.engine.trainer import compare
 
 CFG = RunConfig(task="synthetic_mix", methods=["lora", "dora", "bora"], ranks=[2, 4], steps=12, batch_size=16,
                 lr=0.01, eval_every=6, analyze_every=3)
@@ -31,7 +30,7 @@ def events():
 
 @pytest.fixture(scope="module")
 def results(events):
-    return events[-1].results
+    return fold(CFG, events).results
 
 
 def test_every_builder_returns_a_figure_with_traces(results):
@@ -99,6 +98,6 @@ def test_save_html(results, tmp_path):
 def test_plots_do_not_import_torch_or_gradio():
     import subprocess
 
-    code = "import sys, bora_lab.plots, bora_lab.train.results; print('torch' in sys.modules, 'gradio' in sys.modules)"
+    code = "import sys, bora_lab.figures, bora_lab.record; print('torch' in sys.modules, 'gradio' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]

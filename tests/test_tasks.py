@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from bora_lab.config import RunConfig
-from bora_lab.train import metrics as M
-from bora_lab.train import tasks as T
-from bora_lab.train.synthetic import changed_weight
+from bora_lab.engine import metrics as M
+from bora_lab.engine import tasks as T
+from bora_lab.engine.synthetic import changed_weight
 
 # ---------------------------------------------------------------- metrics by hand
 # preds/labels: tp at 0, 3, 5; fp at 2; fn at 6; tn at 1, 4, 7

@@ -2,8 +2,9 @@
 
 Card counts are checked against ``trainable_summary`` of a real (tiny, randomly initialised) BERT
 with every registered method applied, so a new method is covered without editing this file. The
-memory calculator reproduces the lecture's worked examples (seed 001). Lessons round-trip and bad
-ones fail with a message naming the field.
+memory calculator reproduces the worked examples of the lecture notes 'Parameter-Efficient
+Fine-Tuning' (EE4016): QLoRA and full fine-tuning memory. Lessons round-trip and bad ones fail
+with a message naming the field.
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from transformers import BertConfig, BertForSequenceClassification
 from bora_lab import methods
 from bora_lab.config import RunConfig
 from bora_lab.methods import registry
-from bora_lab.plots.cards import shapes_figure
-from bora_lab.plots.memory import memory_figure
+from bora_lab.figures.shapes import shapes_figure
+from bora_lab.figures.memory_bars import memory_figure
 from bora_lab.teach import cards
 from bora_lab.teach import lessons as L
 from bora_lab.teach import memory as M
@@ -103,7 +104,8 @@ def llama8b():
 
 
 def test_lecture_qlora_arithmetic(llama8b):
-    """Seed 001 'How does QLoRA reduce memory to 14GB?': 4 GB base, 8.5 B per trainable, 0.408 GB."""
+    """Lecture notes 'Parameter-Efficient Fine-Tuning' (EE4016), QLoRA section, 'How does QLoRA reduce
+    memory to 14GB?': 4 GB base, 8.5 B per trainable, 0.408 GB."""
     b = M.estimate_memory(llama8b, "lora", rank=16, precision="nf4", optimizer="adamw_8bit",
                           adapter_precision="bf16", grad_precision="fp32", trainable_params=48_000_000,
                           batch_size=1, seq_len=512, quantize_all=True)  # the lecture quantises all 8 B
@@ -131,7 +133,8 @@ def test_realistic_nf4_keeps_embeddings_in_16_bit():
 
 
 def test_lecture_full_finetuning_arithmetic(llama8b):
-    """Seed 001: 32 GB to load in fp32; 16 B per parameter (2 + 2 + 12) = 128 GB to fine-tune in 16-bit."""
+    """Lecture notes 'Parameter-Efficient Fine-Tuning' (EE4016), 'Naively Fine-Tuning LLaMA-3-8B takes
+    128GB of RAM!': 32 GB to load in fp32; 16 B per parameter (2 + 2 + 12) = 128 GB to fine-tune in 16-bit."""
     fp32 = M.estimate_memory(llama8b, "lora", precision="fp32", batch_size=1, seq_len=1)
     assert fp32["components"]["weights"] == pytest.approx(32e9, rel=1e-3)
     full = M.estimate_memory(llama8b, "full_model", precision="bf16", optimizer="adamw", batch_size=1, seq_len=1)

@@ -14,8 +14,8 @@ from bora_lab.config import RunConfig
 from bora_lab.methods import METHODS, registry
 from bora_lab.methods.base import AdapterConfig
 from bora_lab.methods.lora import LoRALinear
-from bora_lab.train.results import ResultsAccumulator, load_results, save_results
-from bora_lab.train.trainer import compare, run
+from bora_lab.record import ResultsAccumulator, fold, load_results, save_results
+from bora_lab.engine.trainer import compare, run
 
 QUERY = [f"bert.encoder.layer.{i}.attention.self.query" for i in range(2)]
 
@@ -62,7 +62,7 @@ def test_event_stream(tiny_events):
         assert [e.step for e in _by(evs, "analysis")] == [0, 2, 4]
         assert [e.step for e in _by(evs, "eval")] == [2, 4]
         assert set(_by(evs, "eval")[0].metrics) == {"accuracy", "f1", "loss"}
-        assert evs[-1].summary["status"] == "done"
+        assert evs[-1].status == "done"
     progress = _by(tiny_events, "progress")
     assert [p.done_steps for p in progress] == list(range(1, 13)) and progress[-1].total_steps == 12
 
@@ -80,7 +80,8 @@ def test_same_start_for_every_run(tiny_events):
 
 
 def test_summary_fields(tiny_events):
-    summary = _by(tiny_events, "run_finished", "dora-r4")[0].summary
+    summary = fold(tiny(), tiny_events).results["runs"][1]["summary"]
+    assert summary["run_id"] == "dora-r4"
     for key in ("trainable_params", "total_params", "final_loss", "eval_metric", "median_step_s", "peak_mem_mb",
                 "dM_row", "dM_col", "dD_row", "dD_col", "asymmetry_ratio", "analysis_overhead_pct"):
         assert summary[key] is not None, key
@@ -91,10 +92,11 @@ def test_summary_fields(tiny_events):
 
 # ---------------------------------------------------------------- results dict and files
 def test_accumulator_rebuilds_the_results(tiny_events):
-    done = tiny_events[-1].results
+    done = fold(tiny(), tiny_events).results
+    assert done["status"] == "done" and done["elapsed_s"] > 0
     acc = ResultsAccumulator(tiny())
-    for ev in tiny_events[:-1]:
-        acc.update(ev.to_dict() if ev.kind == "step" else ev)  # events or their dicts
+    for ev in tiny_events:
+        acc.update(ev.to_dict() if ev.kind in ("step", "comparison_started") else ev)  # events or their dicts
     assert [r["run_id"] for r in acc.results["runs"]] == [r["run_id"] for r in done["runs"]]
     assert _numbers(acc.results) == _numbers(done)
     assert acc.results["task"]["name"] == "fine_foods" and acc.results["lockstep"] is True
@@ -102,10 +104,10 @@ def test_accumulator_rebuilds_the_results(tiny_events):
 
 def test_results_schema_and_files(tiny_events, tmp_path):
     jsonschema = pytest.importorskip("jsonschema")
-    from bora_lab.train.schema import RESULTS_SCHEMA
+    from bora_lab.record.schema import RESULTS_SCHEMA
 
-    results = tiny_events[-1].results
-    save_results(results, tmp_path, html=False)
+    results = fold(tiny(), tiny_events).results
+    save_results(results, tmp_path)
     on_disk = json.loads((tmp_path / "results.json").read_text())
     jsonschema.validate(on_disk, RESULTS_SCHEMA)
     run0 = on_disk["runs"][0]
@@ -142,7 +144,7 @@ def test_load_results_errors(tmp_path):
 
 # ---------------------------------------------------------------- fairness and determinism
 def test_same_seed_same_numbers_lockstep_and_sequential(tiny_events):
-    first = _numbers(tiny_events[-1].results)
+    first = _numbers(fold(tiny(), tiny_events).results)
     again = _numbers(run(tiny()))
     sequential = run(tiny(lockstep=False))
     assert again == first
@@ -161,8 +163,8 @@ def test_cancel_keeps_partial_results():
     assert kinds[-2:] == ["cancelled", "comparison_done"]
     finished = _by(events, "run_finished")
     assert [e.run_id for e in finished] == ["lora-r4", "dora-r4", "bora-r4"]
-    assert all(e.summary["status"] == "cancelled" for e in finished)
-    results = events[-1].results
+    assert all(e.status == "cancelled" for e in finished)
+    results = fold(synthetic(methods=["lora", "dora", "bora"]), events).results
     assert results["status"] == "cancelled"
     assert [len(r["history"]) for r in results["runs"]] == [3, 3, 2]  # stopped between steps
     assert all(r["status"] == "cancelled" for r in results["runs"])
@@ -176,7 +178,7 @@ def test_cancel_sequential_marks_pending_runs():
         events.append(ev)
         if ev.kind == "step" and ev.step == 2:
             cancel.set()
-    results = events[-1].results
+    results = fold(synthetic(lockstep=False), events).results
     assert [(r["run_id"], len(r["history"]), r["status"]) for r in results["runs"]] == [
         ("lora-r4", 2, "cancelled"), ("bora-r4", 0, "cancelled")]
 
@@ -235,7 +237,7 @@ def test_nan_stops_that_run_only(trap):
     err = _by(events, "error")
     assert len(err) == 1 and err[0].run_id == "trap_test-r4" and err[0].status == "nan"
     assert err[0].message.startswith("loss became NaN at step 3") and "smaller learning rate" in err[0].message
-    runs = {r["run_id"]: r for r in events[-1].results["runs"]}
+    runs = {r["run_id"]: r for r in fold(cfg, events).results["runs"]}
     assert runs["trap_test-r4"]["status"] == "nan" and len(runs["trap_test-r4"]["history"]) == 2
     assert runs["lora-r4"]["status"] == "done" and len(runs["lora-r4"]["history"]) == 20
     assert _by(events, "progress")[-1].total_steps == 20 + 2
@@ -276,23 +278,25 @@ def test_model_level_method_has_no_analysis():
     model_level = [n for n, c in METHODS.items() if c.kind == "model" and n in ("bitfit", "head", "adapter")]
     if not model_level:
         pytest.skip("no model-level method registered yet")
-    events = list(compare(tiny(methods=[model_level[0]], steps=2)))
+    cfg = tiny(methods=[model_level[0]], steps=2)
+    events = list(compare(cfg))
     assert _by(events, "run_started")[0].analysed_modules == []
-    assert not _by(events, "analysis") and events[-1].results["runs"][0]["status"] == "done"
+    assert not _by(events, "analysis") and fold(cfg, events).results["runs"][0]["status"] == "done"
 
 
 def test_export_weights(tmp_path):
     from safetensors.torch import load_file
 
-    from bora_lab.train.models import load_model
+    from bora_lab.engine.loading import load_model
 
-    events = list(compare(tiny(methods=["lora"], steps=2, export_weights=True)))
+    cfg = tiny(methods=["lora"], steps=2, export_weights=True)
+    events = list(compare(cfg))
     weights = events[-1].weights["lora-r4"]
     assert list(weights["start"]) == QUERY and list(weights["end"]) == QUERY
     w0 = load_model("minilm", "classification", 2, num_layers=2).model.get_submodule(QUERY[0]).weight
     assert torch.equal(weights["start"][QUERY[0]], w0)
     assert not torch.equal(weights["end"][QUERY[0]], w0)
-    save_results(events[-1].results, tmp_path, weights=events[-1].weights, html=False)
+    save_results(fold(cfg, events).results, tmp_path, weights=events[-1].weights)
     on_disk = load_file(str(tmp_path / "weights" / "lora-r4" / "weights_end.safetensors"))
     assert torch.equal(on_disk[QUERY[0]], weights["end"][QUERY[0]])
 
@@ -317,10 +321,14 @@ def test_row_scaling_is_recovered_by_row_magnitude():
 
 
 def test_run_writes_out_dir(tmp_path):
-    results = run(synthetic(steps=4, eval_every=2, analyze_every=2), out_dir=tmp_path)
+    from bora_lab import api
+
+    results = api.run(synthetic(steps=4, eval_every=2, analyze_every=2), out_dir=tmp_path)
     assert results["status"] == "done"
     for name in ("results.json", "config.json", "steps.csv", "figures.html"):
         assert (tmp_path / name).is_file()
+    engine_only = run(synthetic(steps=2, eval_every=2, analyze_every=2), out_dir=tmp_path / "engine")
+    assert engine_only["status"] == "done" and not (tmp_path / "engine" / "figures.html").exists()
     assert results["task"]["target_changes"]["proj"]["dM_col"] > 0
     assert methods.info("bora")["has_weight"]
 

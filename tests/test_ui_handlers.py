@@ -20,9 +20,9 @@ from bora_lab import methods
 from bora_lab.analysis import WeightTracker
 from bora_lab.config import RunConfig
 from bora_lab.methods import registry
-from bora_lab.train.events import (Analysis, Cancelled, ComparisonDone, Eval, Progress, RunError, RunFinished,
+from bora_lab.record.events import (Analysis, Cancelled, ComparisonDone, Eval, Progress, RunError, RunFinished,
                                    RunStarted, Step)
-from bora_lab.train.results import ResultsAccumulator, load_results, summarize
+from bora_lab.record import ResultsAccumulator, load_results, summarize
 from bora_lab.ui import handlers, history, live
 
 TASK = {"name": "fine_foods", "kind": "classification", "metric": "accuracy", "higher_is_better": True}
@@ -67,16 +67,16 @@ class Fake:
             for rid in list(alive):
                 if cancel.is_set():
                     for r in alive:
-                        yield emit(RunFinished(r, summarize(acc.run(r), TASK, status="cancelled")))
+                        yield emit(RunFinished(r, "cancelled"))
                     yield emit(Cancelled("cancelled by the user; results so far are kept"))
-                    yield emit(ComparisonDone(acc.finish("cancelled")))
+                    yield emit(ComparisonDone("cancelled", 0.01))
                     return
                 time.sleep(self.delay)
                 if rid == self.nan_run and step == 2:
                     alive.remove(rid)
                     total -= cfg.steps - 1
                     yield emit(RunError(rid, "loss became NaN at step 2; try a smaller learning rate", status="nan"))
-                    yield emit(RunFinished(rid, summarize(acc.run(rid), TASK, status="nan")))
+                    yield emit(RunFinished(rid, "nan"))
                     continue
                 for w in weights[rid].values():
                     w.add_(0.01 * torch.randn(w.shape, generator=gen))
@@ -88,8 +88,8 @@ class Fake:
                 done += 1
                 yield emit(Progress(done, total, 0.01 * done, 0.01 * (total - done)))
         for rid in alive:
-            yield emit(RunFinished(rid, summarize(acc.run(rid), TASK, status="done")))
-        yield emit(ComparisonDone(acc.finish("done")))
+            yield emit(RunFinished(rid, "done"))
+        yield emit(ComparisonDone("done", 0.01))
 
 
 def values_for(cfg: RunConfig) -> list:
@@ -172,7 +172,7 @@ def test_bad_widget_values_give_specific_messages(change, message):
 
 
 def test_task_suggests_its_settings_and_switching_back_restores_them():
-    from bora_lab.train.tasks import task_defaults
+    from bora_lab.engine.tasks import task_defaults
 
     suggested = task_defaults("synthetic_col")
     synthetic = handlers.task_values("synthetic_col")

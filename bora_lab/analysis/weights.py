@@ -1,6 +1,6 @@
 """Magnitude / direction analysis of weight matrices (BoRA eq. 5-6, DoRA figure 2).
 
-Conventions (``design/methods.md``): a weight is ``[out, in]``. Axis ``"row"`` means the ``out``
+Conventions (``docs/conventions.md``): a weight is ``[out, in]``. Axis ``"row"`` means the ``out``
 vectors ``W[i, :]`` (norms ``W.norm(dim=1)``), axis ``"col"`` means the ``in`` vectors ``W[:, j]``
 (norms ``W.norm(dim=0)``). For two weights ``W_a``, ``W_b`` of one layer and an axis ``d``::
 

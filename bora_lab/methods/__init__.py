@@ -19,7 +19,7 @@ from torch import nn
 
 from . import registry
 from .base import AdapterConfig, AdapterLinear, ModelMethod, NormConfig
-from .model import (
+from .whole_model import (
     adapter_layers, apply, default_analysis_module, default_targets, find_targets, load_adapter, merge,
     print_trainable_parameters, save_adapter, trainable_summary, unmerge,
 )
@@ -41,9 +41,9 @@ def wrap(linear: nn.Module, method: str, rank: int = 8, alpha: float = 16.0, **o
     cls = registry.get(method)
     if cls.kind != "layer":
         raise ValueError(f"{method!r} is a model-level method; use bora_lab.methods.apply(model, {method!r})")
-    from .model import _as_linear
+    from .whole_model import as_linear
 
-    return cls(_as_linear(linear), registry.make_config(method, rank=rank, alpha=alpha, **options))
+    return cls(as_linear(linear), registry.make_config(method, rank=rank, alpha=alpha, **options))
 
 
 __all__ = [

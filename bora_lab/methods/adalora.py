@@ -53,7 +53,7 @@ class AdaLoRALinear(AdapterLinear):
                r"\ \ \mathcal{R}=\lVert P^\top P-I\rVert_F^2+\lVert QQ^\top-I\rVert_F^2")
     paper = ("Zhang et al. 2023, AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning "
              "(arXiv:2303.10512)")
-    source = "seed 003 (LoRA2) section 2 (AdaLoRA, eq. 3) and section 3.2"
+    source = "Zhang et al., 2024, LoRA2, arXiv:2408.06854, §2 (AdaLoRA, eq. 3) and §3.2"
 
     def __init__(self, base, cfg: AdaLoRAConfig):
         super().__init__(base, cfg)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 
 from .base import AdapterConfig, ModelMethod
-from .model import _model_type, _set_module, find_targets, head_module_names
+from .whole_model import _model_type, _set_module, find_targets, head_module_names
 from .registry import register
 
 # Sublayer output projections per ``config.model_type`` (suffix match, as target_modules).
@@ -99,7 +99,8 @@ class HoulsbyAdapter(ModelMethod):
     description = "Houlsby adapter: bottleneck MLP (d→m→d, up zero-init) after attention and FFN"
     formula = r"h \leftarrow h + W_{up}\,\sigma(W_{down} h + b_{down}) + b_{up},\ W_{up}=0\ \text{at init}"
     paper = "Houlsby et al., Parameter-Efficient Transfer Learning for NLP, ICML 2019 (arXiv:1902.00751)"
-    source = "seed 001 (lecture), 'Adapter Tuning (Houlsby and Giurgiu et al., 2019-02)'"
+    source = ("lecture notes 'Parameter-Efficient Fine-Tuning' (EE4016), "
+              "'Adapter Tuning (Houlsby and Giurgiu et al., 2019-02)'")
 
     @classmethod
     def default_targets(cls, model: nn.Module) -> list[str]:

@@ -40,7 +40,9 @@ class AsyLoRALinear(AdapterLinear):
     description = "AsyLoRA: LoRA with A frozen at random, only B trained (half of LoRA's parameters)"
     formula = r"W = W_0 + \frac{\alpha}{r} B A,\ A\ \text{frozen random},\ B_0 = 0"
     paper = "Zhu et al. 2024, Asymmetry in Low-Rank Adapters of Foundation Models (arXiv:2402.16842)"
-    source = "seed 000 (BoRA) section 4 baselines and table 1; seed 001 (lecture) MoRA comparison table"
+    source = ("Wang et al., 2024, BoRA: Bi-dimensional Weight-Decomposed Low-Rank Adaptation, arXiv:2412.06441, "
+              "§4 baselines and table 1; "
+              "lecture notes 'Parameter-Efficient Fine-Tuning' (EE4016), MoRA section (comparison table)")
 
     def __init__(self, base, cfg: AsyLoRAConfig):
         super().__init__(base, cfg)

@@ -58,7 +58,7 @@ class AdapterLinear(nn.Module, metaclass=ABCMeta):
     identity_at_init = True
     formula = ""  # LaTeX
     paper = ""
-    source = ""  # seed file and section
+    source = ""  # where in the paper / lecture notes: section, equation, table
 
     def __init__(self, base: nn.Linear, cfg: AdapterConfig):
         super().__init__()

@@ -1,4 +1,4 @@
-"""BoRA (Wang et al., seed 000, eq. 3): bi-dimensional weight decomposition.
+"""BoRA (Wang et al., 2024, arXiv:2412.06441, §3.2, eq. 3): bi-dimensional weight decomposition.
 
 1. ``V = W0 + s·B@A``; normalise rows and rescale by ``m_r: [out]``: ``M = diag(m_r/||V||_row) V``.
 2. normalise the columns of ``M`` and rescale by ``m_c: [in]``: ``W = M diag(m_c/||M||_col)``.
@@ -25,8 +25,9 @@ class BoRALinear(AdapterLinear):
         r"V = W_0 + sBA,\quad M = \operatorname{diag}\!\left(\tfrac{m_r}{\lVert V\rVert_{\text{row}}}\right)V,"
         r"\quad W = M\,\operatorname{diag}\!\left(\tfrac{m_c}{\lVert M\rVert_{\text{col}}}\right)"
     )
-    paper = "Wang et al. 2024, BoRA: Bi-dimensional Weight-Decomposed Low-Rank Adaptation"
-    source = "seed 000 (BoRA) section 3.2, eq. 3"
+    paper = "Wang et al. 2024, BoRA: Bi-dimensional Weight-Decomposed Low-Rank Adaptation (arXiv:2412.06441)"
+    source = ("Wang et al., 2024, BoRA: Bi-dimensional Weight-Decomposed Low-Rank Adaptation, arXiv:2412.06441, "
+              "§3.2, eq. 3")
 
     def __init__(self, base, cfg: NormConfig):
         super().__init__(base, cfg)

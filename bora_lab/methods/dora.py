@@ -53,7 +53,9 @@ class DoRALinear(_NormedLowRank):
     magnitude_axis = "row (per output feature)"
     formula = r"W = \operatorname{diag}\!\left(\frac{m}{\lVert W_0 + sBA \rVert_{\text{row}}}\right)(W_0 + sBA),\ m\in\mathbb{R}^{out}"
     paper = "Liu et al. 2024, DoRA: Weight-Decomposed Low-Rank Adaptation (arXiv:2402.09353)"
-    source = "seed 002 (DoRA review) section 3; seed 001 (lecture) DoRA"
+    source = ("Liu et al., 2024, DoRA: Weight-Decomposed Low-Rank Adaptation, arXiv:2402.09353, "
+              "§3 (weight decomposition analysis) and §4 (method); "
+              "lecture notes 'Parameter-Efficient Fine-Tuning' (EE4016), DoRA section")
     norm_dim = 1
 
     def effective_weight(self) -> Tensor:
@@ -77,8 +79,11 @@ class DoRAColLinear(_NormedLowRank):
     description = "DoRA with the magnitude per input feature (the BoRA paper's reading of DoRA)"
     magnitude_axis = "column (per input feature)"
     formula = r"W = (W_0 + sBA)\operatorname{diag}\!\left(\frac{m}{\lVert W_0 + sBA \rVert_{\text{col}}}\right),\ m\in\mathbb{R}^{in}"
-    paper = "Liu et al. 2024 (DoRA) as read by Wang et al. 2024, BoRA (column magnitude)"
-    source = "seed 000 (BoRA) section 3.1 and ablation table; design/methods.md"
+    paper = ("Liu et al. 2024 (DoRA, arXiv:2402.09353) as read by Wang et al. 2024 (BoRA, arXiv:2412.06441): "
+             "column magnitude")
+    source = ("Wang et al., 2024, BoRA: Bi-dimensional Weight-Decomposed Low-Rank Adaptation, arXiv:2412.06441, "
+              "§3.1 (eq. 1) and §4.4.2 (table 4, ablation of direction); "
+              "axis conventions: docs/conventions.md")
     norm_dim = 0
 
     def effective_weight(self) -> Tensor:
@@ -108,8 +113,9 @@ class DoRAMagLinear(AdapterLinear):
     magnitude_axis = "row (per output feature)"
     uses_rank = False
     formula = r"W = \operatorname{diag}\!\left(\frac{m}{\lVert W_0 \rVert_{\text{row}}}\right) W_0"
-    paper = "Liu et al. 2024 (DoRA), magnitude-only ablation"
-    source = "seed 002 (DoRA review); design/methods.md"
+    paper = "Liu et al. 2024 (DoRA, arXiv:2402.09353), magnitude-only ablation"
+    source = ("Liu et al., 2024, DoRA, arXiv:2402.09353, table 6 (magnitude-only modules); "
+              "axis conventions: docs/conventions.md")
 
     def __init__(self, base, cfg: MagnitudeConfig):
         super().__init__(base, cfg)

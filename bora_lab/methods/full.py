@@ -15,8 +15,9 @@ class FullLinear(AdapterLinear):
     description = "Full fine-tuning of the targeted layers (all their weights and biases)"
     uses_rank = False
     formula = r"W = W_0 + \Delta W,\ \Delta W \in \mathbb{R}^{out \times in}\ \text{dense}"
-    paper = "Baseline (FT) in every seed"
-    source = "seed 001 (lecture) fine-tuning; seed 000 tables"
+    paper = "Full fine-tuning (FT), the baseline of the LoRA, DoRA and BoRA papers"
+    source = ("lecture notes 'Parameter-Efficient Fine-Tuning' (EE4016), 'Full Fine-Tuning (FFT)'; "
+              "Wang et al., 2024, BoRA, arXiv:2412.06441, figures 2-3 (full parameter tuning)")
 
     def __init__(self, base, cfg: AdapterConfig):
         super().__init__(base, cfg)

@@ -17,7 +17,8 @@ class LoRALinear(AdapterLinear):
     description = "Low-rank update W0 + s·BA; no magnitude vector"
     formula = r"W = W_0 + \frac{\alpha}{r} B A"
     paper = "Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models (arXiv:2106.09685)"
-    source = "seed 001 (lecture) section LoRA; seed 000 section 2"
+    source = ("lecture notes 'Parameter-Efficient Fine-Tuning' (EE4016), LoRA section; "
+              "Wang et al., 2024, BoRA, arXiv:2412.06441, §2.2")
 
     def __init__(self, base, cfg: AdapterConfig):
         super().__init__(base, cfg)
@@ -46,7 +47,7 @@ class RsLoRALinear(LoRALinear):
     description = "LoRA with rank-stabilised scaling s = alpha/sqrt(r)"
     formula = r"W = W_0 + \frac{\alpha}{\sqrt{r}} B A"
     paper = "Kalajdzievski 2023, A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA (arXiv:2312.03732)"
-    source = "seed 000 (BoRA) baselines"
+    source = "Wang et al., 2024, BoRA, arXiv:2412.06441, §4.1 (baselines)"
 
     @staticmethod
     def scaling(cfg: AdapterConfig) -> float:

@@ -1,4 +1,4 @@
-"""LoRA2 (Zhang et al., seed 003): multi-scale orthogonal low-rank approximation with rank pruning.
+"""LoRA2 (Zhang et al., 2024, arXiv:2408.06854): multi-scale orthogonal low-rank approximation with rank pruning.
 
 Paper eq. 4 (``x @ W`` layout): ``ΔW = P Λ Q = (v u) Λ (𝒰 𝒱)`` with two LoRA pairs, one on each
 side of a diagonal ``Λ``. In our ``[out, in]`` layout (``W = W0 + ΔW``, ``y = x Wᵀ``):
@@ -84,8 +84,10 @@ class LoRA2Linear(AdapterLinear):
     formula = (r"W = W_0 + \frac{\alpha}{r}\,\underbrace{\mathcal{V}^\top\mathcal{U}^\top}_{P:\,out\times r}\,"
                r"\Lambda\,\underbrace{u^\top v^\top}_{Q:\,r\times in},\ \Lambda=\operatorname{diag}(\lambda),"
                r"\ \lambda_0=0,\ \ \mathcal{R}=\sum_{X}\lVert X^\top X-I\rVert_F^2")
-    paper = "Zhang et al. 2024, LoRA2: Multi-Scale Low-Rank Approximations for Fine-Tuning Large Language Models"
-    source = "seed 003 (LoRA2) section 3.1 (eq. 4-5) and section 3.2 (eq. 6-9, algorithm 1, figure 3)"
+    paper = ("Zhang et al. 2024, LoRA2: Multi-Scale Low-Rank Approximations for Fine-Tuning Large Language Models "
+             "(arXiv:2408.06854)")
+    source = ("Zhang et al., 2024, LoRA2, arXiv:2408.06854, §3.1 (eq. 4-5) and §3.2 (eq. 6-9, algorithm 1), "
+              "figure 3")
 
     def __init__(self, base, cfg: LoRA2Config):
         super().__init__(base, cfg)

@@ -4,7 +4,7 @@
 parameter-free compress/decompress operators. ``r̂ = ⌊√(r·(in+out))⌋`` so that ``r̂² ≤ r·(in+out)``,
 LoRA's budget at rank ``r`` (the official code rounds to nearest instead; flooring never exceeds
 the budget; the rotation kind rounds ``r̂`` down to even for its 2-D rotations). The four kinds of
-the lecture (seed 001) and the paper (section 3.1):
+the lecture notes 'Parameter-Efficient Fine-Tuning' (EE4016, MoRA section) and the paper (section 3.1):
 
 * ``truncation``: keep the first ``r̂`` inputs, pad the output with zeros: ``ΔW = M`` in the
   top-left corner.
@@ -80,7 +80,8 @@ class MoRALinear(AdapterLinear):
     formula = (r"W = W_0 + \Delta W,\ \Delta W x = f_{\text{decomp}}\!\big(M f_{\text{comp}}(x)\big),"
                r"\ M\in\mathbb{R}^{\hat r\times\hat r},\ \hat r = \lfloor\sqrt{r(d_{in}+d_{out})}\rfloor")
     paper = "Jiang et al. 2024, MoRA: High-Rank Updating for Parameter-Efficient Fine-Tuning (arXiv:2405.12130)"
-    source = "seed 001 (lecture) section MoRA: square matrix, four compress/decompress kinds"
+    source = ("lecture notes 'Parameter-Efficient Fine-Tuning' (EE4016), MoRA section: "
+              "square matrix, four compress/decompress kinds")
 
     def __init__(self, base, cfg: MoRAConfig):
         super().__init__(base, cfg)

@@ -39,7 +39,9 @@ NF4_PAPER_VALUES = (
 
 @functools.cache
 def _codebook_cpu(offset: float) -> Tensor:
-    # Seed 001 recipe: 8 quantiles for the positive half, 7 for the negative half, and an exact 0.
+    # Recipe of the lecture notes 'Parameter-Efficient Fine-Tuning' (EE4016), QLoRA section, "Steps for
+    # generating the NF4 data type values": 8 quantiles for the positive half, 7 for the negative half,
+    # and an exact 0.
     # explicit device="cpu": a caller's `with torch.device("meta")` must not poison this cache
     pos = torch.special.ndtri(torch.linspace(offset, 0.5, 9, device="cpu")[:-1].double())  # (8,)
     neg = -torch.special.ndtri(torch.linspace(offset, 0.5, 8, device="cpu")[:-1].double())  # (7,)

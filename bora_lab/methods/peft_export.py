@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .base import AdapterLinear
-from .model import adapter_layers
+from .whole_model import adapter_layers
 
 EXPORTABLE = {"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True}}
 

@@ -63,7 +63,8 @@ class PiSSALinear(AdapterLinear):
                r"\ W = \underbrace{W_0 - sB_0A_0}_{W_{res}\ \text{frozen}} + sBA")
     paper = ("Meng et al. 2024, PiSSA: Principal Singular Values and Singular Vectors Adaptation of "
              "Large Language Models (arXiv:2404.02948)")
-    source = "seed 000 (BoRA) section 4 baselines and table 1; design/methods.md"
+    source = ("Wang et al., 2024, BoRA, arXiv:2412.06441, §4 baselines and table 1; "
+              "shape conventions: docs/conventions.md")
 
     def __init__(self, base, cfg: PiSSAConfig):
         super().__init__(base, cfg)

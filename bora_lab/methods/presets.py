@@ -1,7 +1,8 @@
 """Presets: named settings of a registered method, not methods of their own.
 
-DoRA† (seed 002, table 1: "the adjusted version of DoRA with the rank halved") is DoRA at half the
-rank, so it has about half of DoRA's trainable parameters. A UI or CLI offers the preset names
+DoRA† (Liu et al., 2024, DoRA: Weight-Decomposed Low-Rank Adaptation, arXiv:2402.09353, table 1:
+"the adjusted version of DoRA with the rank halved") is DoRA at half the rank, so it has about
+half of DoRA's trainable parameters. A UI or CLI offers the preset names
 next to :func:`bora_lab.methods.available` and calls :func:`resolve_preset` before building.
 """
 from __future__ import annotations

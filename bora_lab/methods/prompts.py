@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from .base import AdapterConfig, ModelMethod
 from .registry import register
 
-_SOURCE = "seed 001 (lecture), 'PEFT Techniques': 2. Prefix Tuning, 3. Prompt Tuning"
+_SOURCE = ("lecture notes 'Parameter-Efficient Fine-Tuning' (EE4016), "
+           "'PEFT Techniques': 2. Prefix Tuning, 3. Prompt Tuning")
 
 
 def _n_tokens_field(default: int = 20, what: str = "virtual tokens n prepended to every input"):
@@ -270,7 +271,8 @@ class PromptTuning(ModelMethod):
 
     description = "Prompt tuning: n trainable embeddings inserted into the input"
     formula = r"[\,e(x_{\mathrm{CLS}}),\ P_1,\dots,P_n,\ e(x_1),\dots,e(x_L)\,],\ P \in \mathbb{R}^{n\times d}"
-    paper = "Lester, Al-Rfou & Constant, The Power of Scale for Parameter-Efficient Prompt Tuning, EMNLP 2021"
+    paper = ("Lester, Al-Rfou & Constant, The Power of Scale for Parameter-Efficient Prompt Tuning, EMNLP 2021 "
+             "(arXiv:2104.08691)")
     source = _SOURCE
     identity_at_init = False
 
@@ -401,7 +403,7 @@ class PrefixTuning(ModelMethod):
 
     description = "Prefix tuning: n trainable key/value vectors prepended in every attention layer"
     formula = r"\mathrm{head}_l = \mathrm{softmax}\!\left(\tfrac{q\,[K^P_l;K]^\top}{\sqrt{d}}\right)[V^P_l;V]"
-    paper = "Li & Liang, Prefix-Tuning: Optimizing Continuous Prompts for Generation, ACL 2021"
+    paper = "Li & Liang, Prefix-Tuning: Optimizing Continuous Prompts for Generation, ACL 2021 (arXiv:2101.00190)"
     source = _SOURCE
     identity_at_init = False
 

@@ -211,7 +211,8 @@ class QLoRALinear(_NF4Base, LoRALinear):
     formula = (r"W = \operatorname{dequant}(c_2^{\text{FP32}}, c_1^{\text{8bit}}, W_0^{\text{NF4}})"
                r" + \frac{\alpha}{r} B A")
     paper = "Dettmers et al. 2023, QLoRA: Efficient Finetuning of Quantized LLMs (arXiv:2305.14314)"
-    source = "seed 001 (lecture) section QLoRA: NF4, double quantization, paged optimizers"
+    source = ("lecture notes 'Parameter-Efficient Fine-Tuning' (EE4016), QLoRA section: "
+              "NF4, double quantization, paged optimizers")
 
     def adapter_forward(self, x: Tensor) -> Tensor:
         return self.base(x) + lora_delta(x, self.lora_A, self.lora_B, self.scale)
@@ -225,7 +226,9 @@ class QDoRALinear(_NF4Base, DoRALinear):
     formula = (r"W = \operatorname{diag}\!\left(\frac{m}{\lVert \hat W_0 + sBA \rVert_{\text{row}}}\right)"
                r"(\hat W_0 + sBA),\ \hat W_0 = \operatorname{dequant}(W_0^{\text{NF4}})")
     paper = "Liu et al. 2024 (DoRA, arXiv:2402.09353) over QLoRA's NF4 base (Dettmers et al. 2023)"
-    source = "seed 001 (lecture) QLoRA and the QDoRA rows of the SBoRA MMLU table; seed 002 (DoRA)"
+    source = ("lecture notes 'Parameter-Efficient Fine-Tuning' (EE4016), QLoRA section and "
+              "the QDoRA rows of the SBoRA MMLU table; "
+              "Liu et al., 2024, DoRA, arXiv:2402.09353")
 
 
 @register("qbora", QNormConfig)
@@ -235,8 +238,10 @@ class QBoRALinear(_NF4Base, BoRALinear):
     description = "BoRA (magnitudes on rows and columns) over a frozen 4-bit NF4 base"
     formula = (r"V = \hat W_0 + sBA,\ W = \operatorname{diag}\!\left(\tfrac{m_r}{\lVert V\rVert_{\text{row}}}\right)"
                r"V\operatorname{diag}\!\left(\tfrac{m_c}{c}\right),\ \hat W_0 = \operatorname{dequant}(W_0^{\text{NF4}})")
-    paper = "BoRA (Wang et al. 2024, seed 000) over QLoRA's NF4 base (Dettmers et al. 2023); a BoRA Lab composition"
-    source = "seed 000 section 3.2 eq. 3; seed 001 (lecture) QLoRA"
+    paper = ("BoRA (Wang et al. 2024, arXiv:2412.06441) over QLoRA's NF4 base "
+             "(Dettmers et al. 2023, arXiv:2305.14314); a BoRA Lab composition")
+    source = ("Wang et al., 2024, BoRA, arXiv:2412.06441, §3.2, eq. 3; "
+              "lecture notes 'Parameter-Efficient Fine-Tuning' (EE4016), QLoRA section")
 
 
 def storage_report(model: nn.Module) -> dict[str, float]:

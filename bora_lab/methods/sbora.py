@@ -115,7 +115,7 @@ class SBoRAFALinear(_SBoRALinear):
     formula = (r"W = W_0 + \frac{\alpha}{r} B A_{sb},\ A_{sb} = [e_{i_1};\dots;e_{i_r}]"
                r"\ \Rightarrow\ \Delta W_{:,i_k} = \tfrac{\alpha}{r} B_{:,k}")
     paper = "Po et al. 2024, SBoRA: Low-Rank Adaptation with Regional Weight Updates (arXiv:2407.05413)"
-    source = "seed 001 (lecture) section SBoRA: SBoRA-FA"
+    source = "lecture notes 'Parameter-Efficient Fine-Tuning' (EE4016), SBoRA section: SBoRA-FA"
     axis = 1
 
     def __init__(self, base, cfg: SBoRAConfig):
@@ -143,7 +143,7 @@ class SBoRAFBLinear(_SBoRALinear):
     formula = (r"W = W_0 + \frac{\alpha}{r} B_{sb} A,\ B_{sb} = [e_{i_1},\dots,e_{i_r}]"
                r"\ \Rightarrow\ \Delta W_{i_k,:} = \tfrac{\alpha}{r} A_{k,:}")
     paper = "Po et al. 2024, SBoRA: Low-Rank Adaptation with Regional Weight Updates (arXiv:2407.05413)"
-    source = "seed 001 (lecture) section SBoRA: SBoRA-FB"
+    source = "lecture notes 'Parameter-Efficient Fine-Tuning' (EE4016), SBoRA section: SBoRA-FB"
     axis = 0
 
     def __init__(self, base, cfg: SBoRAConfig):
@@ -216,7 +216,7 @@ def merge_multi_sbora_model(base_model: nn.Module, task_models: Sequence[nn.Modu
     Returns a deep copy of ``base_model`` whose targeted layers hold every task's update (as plain
     ``nn.Linear``). Task heads are not merged: they differ per task and stay in the task models.
     """
-    from .model import _as_linear, adapter_layers
+    from .whole_model import as_linear, adapter_layers
 
     merged = copy.deepcopy(base_model)
     per_layer: dict[str, list[_SBoRALinear]] = {}
@@ -227,6 +227,6 @@ def merge_multi_sbora_model(base_model: nn.Module, task_models: Sequence[nn.Modu
         if len(layers) != len(task_models):
             raise ValueError(f"layer {name!r} is adapted in {len(layers)} of {len(task_models)} task models")
         parent, _, child = name.rpartition(".")
-        new = merge_multi_sbora(_as_linear(merged.get_submodule(name)), layers)
+        new = merge_multi_sbora(as_linear(merged.get_submodule(name)), layers)
         setattr(merged.get_submodule(parent) if parent else merged, child, new)
     return merged

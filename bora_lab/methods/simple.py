@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from .base import AdapterConfig, ModelMethod
-from .model import head_module_names
+from .whole_model import head_module_names
 from .registry import register
 
-_LECTURE = ("seed 001 (lecture), 'Finetuning of Convolutional Neural Networks': "
+_LECTURE = ("lecture notes 'Parameter-Efficient Fine-Tuning' (EE4016), "
+            "'Finetuning of Convolutional Neural Networks': "
             "(1) full, (2) feature-based, (3) top-layer")
 
 
@@ -93,7 +94,8 @@ class BitFit(ModelMethod):
     formula = r"y = W_0 x + b,\ \text{only } b \text{ trainable}"
     paper = ("Ben Zaken, Ravfogel & Goldberg, BitFit: Simple Parameter-efficient Fine-tuning for "
              "Transformer-based Masked Language-models, ACL 2022")
-    source = "seed 001 (lecture), LoRA results table (GPT-3 BitFit row)"
+    source = ("lecture notes 'Parameter-Efficient Fine-Tuning' (EE4016), LoRA section, "
+              "'LoRA Comparison on GPT-3' table (BitFit row)")
 
     @classmethod
     def apply_to_model(cls, model, cfg, target_modules=None) -> None:
@@ -235,7 +237,8 @@ class FullModel(ModelMethod):
     # reference line of DoRA figure 2 (negative slope) comes from this method.
     has_effective_weight = True
     formula = r"\theta = \theta_0 + \Delta\theta,\ \text{all of } \theta \text{ trainable}"
-    paper = "Baseline (FT) in every seed; Howard & Ruder 2018, Devlin et al. 2019"
+    paper = ("Full fine-tuning (FT), the baseline of the LoRA, DoRA and BoRA papers; "
+             "Howard & Ruder 2018, Devlin et al. 2019")
     source = _LECTURE + "; 'Full Fine-Tuning (FFT)'"
 
     @classmethod

@@ -91,7 +91,8 @@ class VeRALinear(AdapterLinear):
     description = "VeRA: shared frozen random A, B; trains only the scaling vectors d (rank) and b (output)"
     formula = r"W = W_0 + \operatorname{diag}(b)\,B\,\operatorname{diag}(d)\,A,\ A,B\ \text{frozen random, shared},\ b_0=0"
     paper = "Kopiczko et al. 2024, VeRA: Vector-based Random Matrix Adaptation (arXiv:2310.11454)"
-    source = "seed 001 (lecture) DoRA summary (VeRA/DVoRA); design/methods.md"
+    source = ("lecture notes 'Parameter-Efficient Fine-Tuning' (EE4016), DoRA summary (VeRA/DVoRA); "
+              "shape conventions: docs/conventions.md")
 
     def __init__(self, base, cfg: VeRAConfig):
         super().__init__(base, cfg)
@@ -117,7 +118,9 @@ class DVoRALinear(AdapterLinear):
     formula = (r"V = W_0 + \operatorname{diag}(b)\,B\,\operatorname{diag}(d)\,A,\ "
                r"W = \operatorname{diag}\!\left(\frac{m}{\lVert V \rVert_{\text{row}}}\right) V,\ m\in\mathbb{R}^{out}")
     paper = "Liu et al. 2024, DoRA (arXiv:2402.09353) section 5 (DVoRA), on VeRA (arXiv:2310.11454)"
-    source = "seed 001 (lecture) DoRA summary: 'Improved VeRA performance'; seed 002 (DoRA review)"
+    source = ("lecture notes 'Parameter-Efficient Fine-Tuning' (EE4016), DoRA summary: "
+              "'Improved VeRA performance'; "
+              "Liu et al., 2024, DoRA, arXiv:2402.09353")
 
     def __init__(self, base, cfg: DVoRAConfig):
         super().__init__(base, cfg)

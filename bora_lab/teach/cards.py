@@ -69,7 +69,7 @@ def model_tensors(model, name: str, rank: int = 8, alpha: float = 16.0, **option
     import copy
 
     from bora_lab.methods import apply
-    from bora_lab.methods.model import head_module_names
+    from bora_lab.methods.whole_model import head_module_names
 
     work = copy.deepcopy(model)
     apply(work, name, rank=rank, alpha=alpha, **options)

@@ -1,15 +1,16 @@
 """Memory calculator: what fine-tuning a model with a method costs, component by component.
 
-Five components, in bytes (1 GB = 10^9 bytes, as in the lecture):
+Five components, in bytes (1 GB = 10^9 bytes, as in the lecture notes 'Parameter-Efficient
+Fine-Tuning' (EE4016) that the worked examples below come from):
 
 * **weights**: frozen base parameters at the storage precision (fp32 4 B, bf16 2 B, int8 1 B,
   NF4 0.5 B plus its quantisation constants: 32/64 bits per weight, or 8/64 + 32/(64·256) =
-  0.127 bits with double quantisation, lecture seed 001 "Double Quantization"). With int8/NF4 only
-  the weights of the Linear layers inside the transformer blocks are quantised, as bitsandbytes
-  does; embeddings, norms, biases and the output layer stay at the compute precision, unless
-  ``quantize_all`` (the lecture's simplification: 8 B parameters x 0.5 B = 4 GB). Base parameters
-  the method trains (BitFit's biases, the task head, all of them for ``full_model``) at the
-  training precision (bf16, or fp32 for an fp32 model);
+  0.127 bits with double quantisation, lecture notes, QLoRA section, "Double Quantization").
+  With int8/NF4 only the weights of the Linear layers inside the transformer blocks are quantised,
+  as bitsandbytes does; embeddings, norms, biases and the output layer stay at the compute
+  precision, unless ``quantize_all`` (the lecture's simplification: 8 B parameters x 0.5 B = 4 GB).
+  Base parameters the method trains (BitFit's biases, the task head, all of them for
+  ``full_model``) at the training precision (bf16, or fp32 for an fp32 model);
 * **adapter**: the tensors the method adds, at ``adapter_precision``;
 * **gradients**: one per trainable parameter, at ``grad_precision``;
 * **optimizer states**: AdamW keeps two moments (fp32: 8 B; 8-bit: 2 B) and, when the trainable
@@ -25,7 +26,7 @@ Five components, in bytes (1 GB = 10^9 bytes, as in the lecture):
   (``4·b·s·V``). Frozen layers store slightly less than the formula (no weight gradients need
   their inputs), so this is an upper bound for PEFT.
 
-The lecture's QLoRA arithmetic (seed 001, "How does QLoRA reduce memory to 14GB?") counts, per
+The lecture's QLoRA arithmetic (QLoRA section, "How does QLoRA reduce memory to 14GB?") counts, per
 trainable parameter, 0.5 B weight + 2 B LoRA (bf16) + 2 B AdamW states (8-bit) + 4 B gradients
 (fp32) = 8.5 B, and for full fine-tuning 2 B weight + 2 B gradient + 12 B Adam = 16 B;
 :func:`estimate_memory` reports the same split in ``per_trainable_bytes`` (its "base weight" entry
@@ -261,14 +262,14 @@ def estimate_memory(model: ModelSpec | str = "minilm", method: str = "lora", ran
 def block_linear_params(model) -> int:
     """Weights of the Linear (and GPT-2 Conv1D) layers a 4/8-bit loader quantises: every one except
     the task head and the output embedding (bitsandbytes skips ``lm_head``)."""
-    from bora_lab.methods.model import _is_linear, head_module_names
+    from bora_lab.methods.whole_model import is_linear, head_module_names
 
     heads = tuple(h + "." for h in head_module_names(model)) + tuple(head_module_names(model))
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     seen: set[int] = set()
     total = 0
     for name, m in model.named_modules():
-        if not _is_linear(m) or m is out or name.startswith(heads) or id(m.weight) in seen:
+        if not is_linear(m) or m is out or name.startswith(heads) or id(m.weight) in seen:
             continue
         seen.add(id(m.weight))
         total += m.weight.numel()

@@ -31,7 +31,7 @@ class SkeletonError(ValueError):
 def _config(model_id: str):
     from transformers import AutoConfig
 
-    from bora_lab.train import models as M
+    from bora_lab.engine import loading as M
 
     key = M.ALIASES.get(model_id.strip().lower(), model_id.strip().lower())
     with _quiet():
@@ -84,7 +84,7 @@ def skeleton(model: Any = "minilm", task_kind: str | None = None, num_labels: in
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from bora_lab.train.models import _configure
+    from bora_lab.engine.loading import configure_model
 
     config = resolve_config(model) if isinstance(model, str) else copy.deepcopy(model)
     kind = task_kind or infer_task_kind(config)
@@ -92,7 +92,7 @@ def skeleton(model: Any = "minilm", task_kind: str | None = None, num_labels: in
         raise SkeletonError(f"task kind must be 'classification' or 'causal_lm', got {kind!r}")
     name = model if isinstance(model, str) else getattr(config, "model_type", "model")
     try:
-        _configure(config, name, kind, num_labels if kind == "classification" else None, num_layers)
+        configure_model(config, name, kind, num_labels if kind == "classification" else None, num_layers)
     except ValueError as err:
         raise SkeletonError(str(err)) from err
     auto = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
@@ -140,7 +140,7 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
 
 def target_layers(model: nn.Module, target_modules: list[str] | None = None) -> list[tuple[str, int, int, bool]]:
     """``(name, d_in, d_out, has_bias)`` of every layer a layer-level method would wrap."""
-    from bora_lab.methods.model import default_targets, find_targets
+    from bora_lab.methods.whole_model import default_targets, find_targets
 
     names = find_targets(model, list(target_modules) if target_modules else default_targets(model))
     out = []
@@ -162,7 +162,7 @@ def count_params(model: nn.Module, method: str, rank: int = 8, alpha: float = 16
     """
     from bora_lab.methods import apply, registry
     from bora_lab.methods.base import check_rank
-    from bora_lab.methods.model import head_module_names
+    from bora_lab.methods.whole_model import head_module_names
 
     cls = registry.get(method)
     cfg = registry.make_config(method, rank=rank, alpha=alpha, **options)

@@ -273,12 +273,12 @@ def table_frame(results: dict[str, Any]):
     """The results table as a ``pandas.DataFrame`` (one row per run; only the headers before any run)."""
     import pandas as pd
 
-    from bora_lab.plots import figures
+    from bora_lab.figures import runs as figures
 
     rows = figures.results_table(results)
     if rows:
         return pd.DataFrame(rows)
-    from bora_lab.train.results import new_run_entry
+    from bora_lab.record import new_run_entry
 
     headers = figures.results_table({**results, "runs": [new_run_entry("lora-r8", "lora", 8)]})[0]
     return pd.DataFrame(columns=list(headers))
@@ -302,7 +302,7 @@ def render_plots(results: dict[str, Any], names, md_view: str = "from_start") ->
     Returns:
         ``{name: plotly Figure or DataFrame}`` for each requested name.
     """
-    from bora_lab.plots import figures
+    from bora_lab.figures import runs as figures
 
     builders = {
         "loss": lambda: figures.loss_figure(results),
@@ -359,7 +359,7 @@ def field_type(name: str) -> str:
 # ---------------------------------------------------------------------------------------------
 def task_choices() -> list[tuple[str, str]]:
     """``(label, name)`` for every registered task, offline ones first."""
-    from bora_lab.train.tasks import TASKS
+    from bora_lab.engine.tasks import TASKS
 
     specs = sorted(TASKS.values(), key=lambda s: s.online)
     return [(f"{s.name}: {s.description}", s.name) for s in specs]
@@ -367,7 +367,7 @@ def task_choices() -> list[tuple[str, str]]:
 
 def task_default_keys() -> list[str]:
     """Every ``RunConfig`` field that some task suggests a value for (the task dropdown's outputs)."""
-    from bora_lab.train.tasks import TASKS
+    from bora_lab.engine.tasks import TASKS
 
     keys = {k for spec in TASKS.values() for k in spec.defaults}
     return [k for k in RUN_FIELDS if k in keys]
@@ -381,7 +381,7 @@ def task_changed(task: str, base: RunConfig | None = None) -> tuple:
 def task_values(task: str, base: RunConfig | None = None) -> dict[str, Any]:
     """Widget values for :func:`task_default_keys` when ``task`` is picked: the task's suggestions,
     and ``base``'s values (default ``RunConfig()``) for what it does not suggest."""
-    from bora_lab.train.tasks import task_defaults
+    from bora_lab.engine.tasks import task_defaults
 
     cfg = base or RunConfig()
     suggested = task_defaults(task) if task else {}

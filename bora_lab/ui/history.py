@@ -34,7 +34,7 @@ def shared_history_default() -> bool:
 
 
 def _load(folder: Path) -> dict[str, Any]:
-    from bora_lab.train.results import load_results
+    from bora_lab.record import load_results
 
     return load_results(folder)
 
@@ -97,12 +97,12 @@ def merge_results(results: list[dict[str, Any]], labels: list[str]) -> dict[str,
 
 def _bundle(results: dict[str, Any], with_json: bool) -> list[Path]:
     """Write the standalone HTML plots (and results.json + CSV when ``with_json``) to a temp folder."""
-    from bora_lab.plots import all_figures, save_html
-    from bora_lab.train.results import save_results
+    from bora_lab.figures import all_figures, report_html, save_html
+    from bora_lab.record import save_results
 
     out = Path(tempfile.mkdtemp(prefix="bora_lab_download_"))
     if with_json:
-        save_results(results, out)
+        save_results(results, out, figures_html=report_html(results))
     else:
         save_html(all_figures(results), out)
     return [p for p in out.iterdir() if p.suffix in DOWNLOAD_SUFFIXES]

@@ -77,8 +77,8 @@ def default_config() -> RunConfig:
 
 def _model_choices() -> list[tuple[str, str]]:
     """The offline models, plus the toy bases the synthetic tasks suggest (free text allows any id)."""
-    from bora_lab.train.models import OFFLINE_MODELS
-    from bora_lab.train.tasks import TASKS
+    from bora_lab.engine.loading import OFFLINE_MODELS
+    from bora_lab.engine.tasks import TASKS
 
     choices = [(f"{key}: {desc.split(' (PyPI')[0]}", key) for key, desc in OFFLINE_MODELS.items()]
     toys = {s.defaults["model"] for s in TASKS.values() if s.defaults.get("model", "minilm") not in OFFLINE_MODELS}
@@ -213,7 +213,7 @@ def build_demo(defaults: RunConfig | None = None) -> gr.Blocks:
                         plots = _plots()
             with gr.Tab("History", id="history") as history_tab:
                 list_inputs, list_outputs = history.build_tab(session)
-            tab_lessons.build_lessons_tab(widgets)  # teaching views (issue 7): presets fill the Compare tab
+            tab_lessons.build_lessons_tab(widgets)  # teaching views: presets fill the Compare tab
             tab_inside.build_inside_tab(session)  # W0, W, ΔW, norms, spectrum per checkpoint
             tab_cards.build_cards_tab()
             tab_memory.build_memory_tab(session)

@@ -38,7 +38,7 @@ def _rank(value: Any) -> int:
 
 def render_card(method: str, model: str, layer: str | None, rank: Any) -> tuple[str, Any, list[list[Any]]]:
     """Markdown card, shapes figure and the all-methods table for the chosen method, model, layer, rank."""
-    from bora_lab.plots.cards import shapes_figure
+    from bora_lab.figures.shapes import shapes_figure
     from bora_lab.teach.cards import card_markdown, cards_table, method_card
 
     try:

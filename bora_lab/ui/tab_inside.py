@@ -2,9 +2,9 @@
 
 Pick a comparison (the one running or just finished in this session, or a saved run folder), one
 of its runs, one checkpointed module and a step; the tab draws ``W0``, ``W``, ``ΔW``, the row and
-column norms, the spectrum of ``ΔW`` and the method's own structure (``bora_lab.plots.layer``).
+column norms, the spectrum of ``ΔW`` and the method's own structure (``bora_lab.figures.layer_views``).
 Play steps through the checkpoints. Data come from ``LayerStore`` (numpy, no torch): the live job's
-``acc.layers`` in memory, or ``layers/`` in a run folder (``bora_lab.train.layers``).
+``acc.layers`` in memory, or ``layers/`` in a run folder (``bora_lab.record.layer_store``).
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ _EMPTY_MSG = "Run a comparison (Compare tab) or pick a saved run, then a run, a 
 
 def _store_and_results(session: live.Session, source: str | None) -> tuple[Any, dict[str, Any]]:
     """``(LayerStore, results dict)`` of a source: the live job (a consistent copy) or a run folder."""
-    from bora_lab.train.layers import LayerStore
-    from bora_lab.train.results import load_results
+    from bora_lab.record.layer_store import LayerStore
+    from bora_lab.record import load_results
 
     if not source:
         return LayerStore(), {}
@@ -72,7 +72,7 @@ def _why_not(results: dict[str, Any], run_id: str) -> str:
 
 
 def _blank(why: str) -> dict[str, Any]:
-    from bora_lab.plots.layer import not_applicable
+    from bora_lab.figures.layer_views import not_applicable
 
     titles = {"matrices": "W0, W and ΔW", "norms": "Row and column norms", "spectrum": "Singular values of ΔW",
               "method": "Method-specific view"}
@@ -82,7 +82,7 @@ def _blank(why: str) -> dict[str, Any]:
 def _describe(store: Any, run_id: str, step: int, module: str) -> str:
     import numpy as np
 
-    from bora_lab.plots.layer import short_module
+    from bora_lab.figures.layer_views import short_module
 
     steps = store.steps(run_id)
     w0, dw = store.w0(run_id, module).astype(np.float32), store.delta(run_id, step, module).astype(np.float32)
@@ -97,7 +97,7 @@ def _describe(store: Any, run_id: str, step: int, module: str) -> str:
 def render(session: live.Session, source: str | None, run_id: str | None, module: str | None,
            step: float | None) -> tuple:
     """``(status, matrices, norms, spectrum, method)`` for the chosen checkpoint (nearest step)."""
-    from bora_lab.plots.layer import layer_figures
+    from bora_lab.figures.layer_views import layer_figures
 
     if not source or not run_id:
         return (_EMPTY_MSG, *_blank("nothing chosen yet").values())

@@ -18,7 +18,7 @@ from . import handlers
 SOURCES = ("model id", "typed sizes")
 PRECISIONS = ["fp32", "bf16", "int8", "nf4"]
 PREC_CHOICES = ["auto", "fp32", "bf16"]
-# The lecture's worked example (seed 001, "How does QLoRA reduce memory to 14GB?").
+# The worked example of the lecture notes "Parameter-Efficient Fine-Tuning" (QLoRA: "How does QLoRA reduce memory to 14GB?").
 LECTURE = {"source": "typed sizes", "name": "Llama-3-8B (lecture)", "params": 8e9, "layers": 32, "hidden": 4096, "vocab": 128256, "heads": 32,
            "kv_heads": 8, "method": "qlora", "rank": 16, "precision": "nf4", "optimizer": "adamw_8bit",
            "batch": 1, "seq": 512, "trainable": 48_000_000, "adapter_prec": "bf16", "grad_prec": "fp32",
@@ -31,7 +31,7 @@ def estimate(source, model_id, num_layers, name, params, layers, hidden, vocab, 
              optimizer, batch, seq, checkpointing, flash, trainable, adapter_prec, grad_prec, compute_prec, quantize_all,
              measured, measured_kind):
     """Widget values -> (figure, table rows, Markdown notes)."""
-    from bora_lab.plots.memory import memory_figure
+    from bora_lab.figures.memory_bars import memory_figure
     from bora_lab.teach import memory as M
 
     def num(v: Any) -> float:  # an emptied Number widget gives None

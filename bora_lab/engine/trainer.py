@@ -1,7 +1,7 @@
 """The headless trainer: one loop for every method, several runs side by side, events out.
 
     from bora_lab.config import RunConfig
-    from bora_lab.train.trainer import compare, run
+    from bora_lab.engine.trainer import compare, run
     for event in compare(RunConfig(methods=["lora", "dora", "bora"])):
         print(event.kind)
     results = run(RunConfig(task="synthetic_col", methods=["lora", "bora"]), out_dir="runs/demo")
@@ -14,10 +14,9 @@ after another, which gives the same numbers.
 
 Threads (CPU): ``cfg.num_threads`` if set; else the pipeline's choice (the synthetic tasks use one
 thread: their 64x48 matmuls run several times faster than on two); else torch's default, lowered to
-the cores left idle by other processes (1-minute load average), because torch's threads wait on
-each other at every operation and a busy CPU makes them stall (measured here: SmolLM2 steps took
-80 s on 2 threads beside other jobs, 8 s on 1). The previous count is restored when the generator
-finishes or is closed.
+the cores that other processes leave idle now (:mod:`bora_lab.engine.threads`: a 0.25 s sample of
+``/proc/stat`` minus this process's own CPU time). The count and the reason travel in
+``ComparisonStarted``; the previous count is restored when the generator finishes or is closed.
 
 Errors: config problems that concern the whole comparison (unknown task, method, option or
 model, analysis module not found, device unavailable) raise ``ValueError`` with one line before any
@@ -26,7 +25,6 @@ run and the other runs go on. Cancellation (``cancel.set()``) is checked between
 """
 from __future__ import annotations
 
-import math
 import os
 import threading
 import time
@@ -38,10 +36,11 @@ import torch
 
 from .. import methods
 from ..config import RunConfig
-from .events import (
+from ..record.events import (
     Analysis,
     Cancelled,
     ComparisonDone,
+    ComparisonStarted,
     Eval,
     Event,
     LayerCheckpoint,
@@ -52,10 +51,12 @@ from .events import (
     Step,
 )
 from .environment import environment
-from .pipeline import Pipeline, make_pipeline
-from .results import ResultsAccumulator, save_results, summarize
+from .pipeline import Pipeline, TextPipeline
+from ..record import ResultsAccumulator, save_results
 from .runstate import PEAK_MEM_KIND, NonFiniteLoss, RunState, describe_error, pick_device, select_analysed
-from .tasks import load_task
+from .synthetic import SyntheticPipeline
+from .threads import choose_threads
+from .tasks import Task, load_task
 
 _TICK = object()  # a run generator yields this after each optimizer step
 
@@ -65,7 +66,6 @@ class _Context:
     cfg: RunConfig
     pipeline: Pipeline
     device: torch.device
-    acc: ResultsAccumulator
     task_info: dict[str, Any]
     analysis_module: str | None
     lockstep: bool
@@ -89,6 +89,11 @@ def validate(cfg: RunConfig) -> None:
         methods.registry.make_config(m, rank=cfg.ranks[0], alpha=cfg.alpha, **opts)
     if len(set(cfg.run_ids())) != len(cfg.run_ids()):
         raise ValueError(f"duplicate runs in methods {cfg.methods} x ranks {cfg.ranks}")
+
+
+def make_pipeline(cfg: RunConfig, task: Task) -> Pipeline:
+    """The pipeline for ``task`` (loads the model and tokenises the data)."""
+    return SyntheticPipeline(cfg, task) if task.kind == "synthetic" else TextPipeline(cfg, task)
 
 
 def _fits_side_by_side(model: torch.nn.Module, n_runs: int, device: torch.device) -> bool:
@@ -134,10 +139,12 @@ def compare(cfg: RunConfig, cancel: threading.Event | None = None) -> Iterator[E
     Yields, per run: ``RunStarted`` (or ``RunError`` if the method cannot be applied), ``Step``
     after every optimizer step, ``Analysis`` at step 0, every ``analyze_every`` steps and at the
     end (layer-level methods only), ``Eval`` every ``eval_every`` steps and at the end, and
-    ``RunFinished`` with the run's summary; ``LayerCheckpoint`` after the ``Analysis`` of the steps
-    of :func:`checkpoint_steps`; a ``Progress`` after every step of every run; finally
-    ``ComparisonDone`` whose ``results`` are what ``results.json`` holds. On cancel: each unfinished
-    run's ``RunFinished`` (status "cancelled"), then ``Cancelled``, then ``ComparisonDone``.
+    ``RunFinished`` with its status; ``LayerCheckpoint`` after the ``Analysis`` of the steps of
+    :func:`checkpoint_steps`; a ``Progress`` after every step of every run. First comes
+    ``ComparisonStarted`` (task, device, threads, environment), last ``ComparisonDone``. On cancel:
+    each unfinished run's ``RunFinished`` (status "cancelled"), then ``Cancelled``, then
+    ``ComparisonDone``. The engine keeps no results: fold the events with
+    ``bora_lab.record.ResultsAccumulator`` (as :func:`run` does).
 
     Args:
         cfg: the comparison.
@@ -153,62 +160,50 @@ def compare(cfg: RunConfig, cancel: threading.Event | None = None) -> Iterator[E
     analysis_module = _analysis_module(cfg, pipeline)
     specs = cfg.run_specs()
     lockstep = cfg.lockstep and _fits_side_by_side(pipeline.pristine(), len(specs), device)
-    ctx = _Context(cfg, pipeline, device, ResultsAccumulator(cfg), pipeline.info(), analysis_module, lockstep,
+    ctx = _Context(cfg, pipeline, device, pipeline.info(), analysis_module, lockstep,
                    total_steps=len(specs) * cfg.steps)
-    ctx.acc.results["task"] = ctx.task_info
-    ctx.acc.results["device"] = str(device)
-    ctx.acc.results["peak_mem_kind"] = PEAK_MEM_KIND.get(device.type, "process_peak_rss")
-    ctx.acc.results["lockstep"] = lockstep
     alive = {rid: _drive(ctx, rid, m, r) for rid, m, r in specs}
     threads = torch.get_num_threads()
+    num_threads, reason = None, f"{device.type}: torch CPU threads do not apply"
     if device.type == "cpu":
-        torch.set_num_threads(_cpu_threads(cfg, pipeline))
-    ctx.acc.results["num_threads"] = torch.get_num_threads() if device.type == "cpu" else None
-    ctx.acc.results["environment"] = environment(device, ctx.acc.results["num_threads"])
+        num_threads, reason = _cpu_threads(cfg, pipeline)
+        torch.set_num_threads(num_threads)
     try:
+        yield ComparisonStarted(ctx.task_info, str(device), PEAK_MEM_KIND.get(device.type, "process_peak_rss"),
+                                lockstep, num_threads, reason, environment(device, num_threads))
+        ctx.t0 = time.perf_counter()
         yield from _schedule(ctx, alive, cancel)
     finally:
         torch.set_num_threads(threads)
 
 
-def _cpu_threads(cfg: RunConfig, pipeline: Pipeline) -> int:
-    """Torch CPU threads for training (see the module docstring)."""
+def _cpu_threads(cfg: RunConfig, pipeline: Pipeline) -> tuple[int, str]:
+    """Torch CPU threads for training and why (see :mod:`bora_lab.engine.threads`)."""
     if cfg.num_threads:
-        return cfg.num_threads
+        return cfg.num_threads, "set by num_threads"
     if pipeline.num_threads:
-        return pipeline.num_threads
-    current = torch.get_num_threads()
-    try:
-        idle = (os.cpu_count() or current) - os.getloadavg()[0]
-    except OSError:  # no load average on this platform
-        return current
-    return max(1, min(current, math.ceil(idle - 0.25)))  # a core counts as free unless >75% busy
+        return pipeline.num_threads, "the task's choice: its small matmuls run faster on one thread"
+    return choose_threads(torch.get_num_threads())
 
 
 def _schedule(ctx: _Context, alive: dict[str, Iterator], cancel: threading.Event | None) -> Iterator[Event]:
     """Advance the runs (round-robin in lockstep, else one after another) until done or cancelled."""
-
-    def emit(ev: Event) -> Event:
-        ctx.acc.update(ev)
-        return ev
-
     while alive:
         for rid in list(alive) if ctx.lockstep else [next(iter(alive))]:
             if cancel is not None and cancel.is_set():
-                yield from (emit(ev) for ev in _cancel(ctx, alive))
+                yield from _cancel(ctx, alive)
                 return
             for ev in alive[rid]:  # advance this run by one step
                 if ev is _TICK:
                     ctx.done_steps += 1
                     elapsed = time.perf_counter() - ctx.t0
                     eta = elapsed / ctx.done_steps * max(0, ctx.total_steps - ctx.done_steps)
-                    yield emit(Progress(ctx.done_steps, ctx.total_steps, elapsed, eta))
+                    yield Progress(ctx.done_steps, ctx.total_steps, elapsed, eta)
                     break
-                yield emit(ev)
+                yield ev
             else:  # the run's generator is exhausted
                 del alive[rid]
-    ctx.acc.results["elapsed_s"] = time.perf_counter() - ctx.t0
-    yield emit(ComparisonDone(ctx.acc.finish("done"), weights=ctx.weights, layers=ctx.acc.layers))
+    yield ComparisonDone("done", time.perf_counter() - ctx.t0, weights=ctx.weights)
 
 
 def _cancel(ctx: _Context, alive: dict[str, Iterator]) -> Iterator[Event]:
@@ -217,10 +212,9 @@ def _cancel(ctx: _Context, alive: dict[str, Iterator]) -> Iterator[Event]:
         if ctx.cfg.export_weights and state is not None:
             ctx.weights.setdefault(rid, {})["end"] = state.weights()
         gen.close()  # runs the generator's cleanup (frees the model)
-        yield RunFinished(rid, summarize(ctx.acc.run(rid), ctx.task_info, status="cancelled"))
+        yield RunFinished(rid, "cancelled")
     yield Cancelled("cancelled by the user; results so far are kept")
-    ctx.acc.results["elapsed_s"] = time.perf_counter() - ctx.t0
-    yield ComparisonDone(ctx.acc.finish("cancelled"), weights=ctx.weights, layers=ctx.acc.layers)
+    yield ComparisonDone("cancelled", time.perf_counter() - ctx.t0, weights=ctx.weights)
 
 
 def _drive(ctx: _Context, run_id: str, method: str, rank: int) -> Iterator[Any]:
@@ -232,7 +226,7 @@ def _drive(ctx: _Context, run_id: str, method: str, rank: int) -> Iterator[Any]:
         message, status = describe_error(err)
         ctx.total_steps -= cfg.steps
         yield RunError(run_id, message, status=status)
-        yield RunFinished(run_id, summarize(ctx.acc.run(run_id), ctx.task_info, status=status))
+        yield RunFinished(run_id, status)
         return
     ctx.states[run_id] = state
     try:
@@ -269,12 +263,12 @@ def _drive(ctx: _Context, run_id: str, method: str, rank: int) -> Iterator[Any]:
             yield _TICK
         if cfg.export_weights and state.analysed:
             ctx.weights.setdefault(run_id, {})["end"] = state.weights()
-        yield RunFinished(run_id, summarize(ctx.acc.run(run_id), ctx.task_info, status="done"))
+        yield RunFinished(run_id, "done")
     except Exception as err:  # noqa: BLE001 - NaN, OOM or a method bug stops this run only
         message, status = describe_error(err, step=None if isinstance(err, NonFiniteLoss) else step)
         ctx.total_steps -= cfg.steps - max(step - 1, 0)  # this step's tick never came
         yield RunError(run_id, message, status=status)
-        yield RunFinished(run_id, summarize(ctx.acc.run(run_id), ctx.task_info, status=status))
+        yield RunFinished(run_id, status)
     finally:
         ctx.states.pop(run_id, None)
         state.close()
@@ -288,18 +282,17 @@ def run(cfg: RunConfig, cancel: threading.Event | None = None, on_event: Callabl
         cfg: the comparison.
         cancel: optional cancel flag (see :func:`compare`).
         on_event: called with every event (e.g. to print progress).
-        out_dir: if given, :func:`save_results` writes results.json, steps.csv, config.json,
-            figures.html, the layer checkpoints (``layers/``) and (with ``cfg.export_weights``) the
+        out_dir: if given, ``bora_lab.record.save_results`` writes results.json, steps.csv, config.json,
+            the layer checkpoints (``layers/``) and (with ``cfg.export_weights``) the
             weights there.
     """
-    results: dict[str, Any] = {}
-    weights: dict[str, Any] = {}
-    layers = None
+    acc, weights = ResultsAccumulator(cfg), {}
     for ev in compare(cfg, cancel):
+        acc.update(ev)
         if on_event is not None:
             on_event(ev)
         if isinstance(ev, ComparisonDone):
-            results, weights, layers = ev.results, ev.weights, ev.layers
+            weights = ev.weights
     if out_dir is not None:
-        save_results(results, out_dir, weights=weights, layers=layers)
-    return results
+        save_results(acc.results, out_dir, weights=weights, layers=acc.layers)
+    return acc.results

@@ -54,15 +54,6 @@ class Pipeline(ABC):
         return None
 
 
-def make_pipeline(cfg: RunConfig, task: Task) -> Pipeline:
-    """The pipeline for ``task`` (loads the model and tokenises the data)."""
-    if task.kind == "synthetic":
-        from .synthetic import SyntheticPipeline
-
-        return SyntheticPipeline(cfg, task)
-    return TextPipeline(cfg, task)
-
-
 def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -79,7 +70,7 @@ class TextPipeline(Pipeline):
     """Classification, regression or causal LM on a ``transformers`` model (see ``models.load_model``)."""
 
     def __init__(self, cfg: RunConfig, task: Task):
-        from .models import load_model
+        from .loading import load_model
 
         self.cfg, self.task = cfg, task
         kind = task.kind

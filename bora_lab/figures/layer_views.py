@@ -1,6 +1,6 @@
 """The "Inside a layer" view: plotly figures of one module's weights at one checkpoint (numpy, no torch).
 
-Inputs are what ``bora_lab.train.layers.LayerStore`` holds: ``W0`` and ``ΔW`` (``[out, in]``
+Inputs are what ``bora_lab.record.layer_store.LayerStore`` holds: ``W0`` and ``ΔW`` (``[out, in]``
 arrays) and the module's ``inspect()`` dict. Matrices larger than ``MAX_CELLS`` on a side are
 block-averaged for display and the title says so. Which method-specific figure is drawn depends on
 the keys ``inspect()`` returned (``touched``, ``mora``, ``nf4``, ``budget``), never on the method name.
@@ -20,7 +20,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .figures import AXIS_COLORS, _empty
+from .runs import AXIS_COLORS, empty_figure
 
 MAX_CELLS = 96  # heatmaps show at most 96 x 96 cells
 FLOOR = 1e-6  # singular values below FLOOR * the largest are not drawn
@@ -63,7 +63,7 @@ def short_module(name: str) -> str:
 
 def not_applicable(title: str, why: str) -> go.Figure:
     """A figure that says why there is nothing to draw (never an empty plot)."""
-    fig = _empty(title, "<br>".join(textwrap.wrap(why, 90)))
+    fig = empty_figure(title, "<br>".join(textwrap.wrap(why, 90)))
     fig.update_layout(height=260)
     return fig
 

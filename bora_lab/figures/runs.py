@@ -19,6 +19,8 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ..record.tables import results_table
+
 METHOD_COLORS = {
     "full": "#444444", "lora": "#1f77b4", "rslora": "#17becf", "dora": "#d62728", "dora_col": "#ff7f0e",
     "dora_mag": "#e377c2", "bora": "#2ca02c", "mora": "#9467bd", "qlora": "#8c564b", "vera": "#bcbd22",
@@ -43,7 +45,7 @@ def _dash(results: dict, run: dict) -> str:
     return _DASHES[ranks.index(run["rank"]) % len(_DASHES)] if run["rank"] in ranks else "solid"
 
 
-def _empty(title: str, why: str = "no data yet") -> go.Figure:
+def empty_figure(title: str, why: str = "no data yet") -> go.Figure:
     fig = go.Figure()
     fig.add_annotation(text=why, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper", font={"size": 14})
     fig.update_layout(title=title, xaxis={"visible": False}, yaxis={"visible": False})
@@ -72,7 +74,7 @@ def loss_figure(results: dict) -> go.Figure:
     title = "Training loss"
     runs = [r for r in results.get("runs", []) if r.get("history")]
     if not runs:
-        return _empty(title)
+        return empty_figure(title)
     fig = go.Figure()
     for run in runs:
         steps = [h["step"] for h in run["history"]]
@@ -94,7 +96,7 @@ def metric_figure(results: dict, metric: str | None = None) -> go.Figure:
     title = f"Evaluation: {metric}"
     runs = [r for r in results.get("runs", []) if r.get("eval")]
     if not runs:
-        return _empty(title)
+        return empty_figure(title)
     fig = go.Figure()
     for run in runs:
         pts = [(e["step"], e["metrics"].get(metric)) for e in run["eval"]]
@@ -134,7 +136,7 @@ def md_figure(results: dict, view: str = "from_start", layer: int | None = None)
     title = f"Magnitude and direction changes, {label}"
     runs = [r for r in results.get("runs", []) if len(r.get("analysis", [])) > (view == "step_to_step")]
     if not runs:
-        return _empty(title, "no weight analysis yet (model-level methods have none)")
+        return empty_figure(title, "no weight analysis yet (model-level methods have none)")
     titles = []
     for run in runs:
         mods = run.get("analysed_modules") or []
@@ -172,7 +174,7 @@ def dora_scatter_figure(results: dict, axis: str = "row") -> go.Figure:
     title = f"DoRA figure 2: ΔM vs ΔD per layer and checkpoint ({AXIS_NAMES[axis]})"
     runs = [r for r in results.get("runs", []) if len(r.get("analysis", [])) > 1]
     if not runs:
-        return _empty(title, "no weight analysis yet (model-level methods have none)")
+        return empty_figure(title, "no weight analysis yet (model-level methods have none)")
     fig = go.Figure()
     for run in runs:
         pts = [(s["from_start"][f"dD_{axis}"][i], s["from_start"][f"dM_{axis}"][i], m, s["step"])
@@ -194,38 +196,6 @@ def dora_scatter_figure(results: dict, axis: str = "row") -> go.Figure:
     return fig
 
 
-def _round(v: Any, digits: int = 4) -> Any:
-    if isinstance(v, float) and math.isfinite(v) and v != 0:
-        return round(v, max(0, digits - 1 - int(math.floor(math.log10(abs(v))))))
-    return v
-
-
-def results_table(results: dict) -> list[dict[str, Any]]:
-    """One row per run (works on partial results): the CLI prints it, the app shows it.
-
-    Columns: run, method, rank, status, trainable params, trainable %, final loss, the task's
-    metric, median step (s), peak mem (MiB), ΔM row, ΔM col, ΔD row, ΔD col (mean over analysed
-    modules, from the start), ΔM row/col (the asymmetry ratio). Missing values are None.
-    """
-    from ..train.results import summarize  # torch-free module
-
-    task = results.get("task", {})
-    metric = task.get("metric") or "metric"
-    rows = []
-    for run in results.get("runs", []):
-        s = run.get("summary") or summarize(run, task)
-        rows.append({
-            "run": run["run_id"], "method": run["method"], "rank": run["rank"] or "-", "status": s.get("status") or run.get("status"),
-            "trainable params": s.get("trainable_params"), "trainable %": _round(s.get("trainable_pct"), 3),
-            "final loss": _round(s.get("final_loss")), metric: _round(s.get("eval_metric")),
-            "median step (s)": _round(s.get("median_step_s"), 3), "peak mem (MiB)": _round(s.get("peak_mem_mb"), 4),
-            "ΔM row": _round(s.get("dM_row"), 3), "ΔM col": _round(s.get("dM_col"), 3),
-            "ΔD row": _round(s.get("dD_row"), 3), "ΔD col": _round(s.get("dD_col"), 3),
-            "ΔM row/col": _round(s.get("asymmetry_ratio"), 3),
-        })
-    return rows
-
-
 def all_figures(results: dict) -> dict[str, go.Figure]:
     """Every figure, keyed by a short name (used for the HTML report)."""
     return {"loss": loss_figure(results), "metric": metric_figure(results),
@@ -242,19 +212,30 @@ def _table_html(rows: list[dict[str, Any]]) -> str:
     return f"<table border=1 cellpadding=4 style='border-collapse:collapse'><tr>{head}</tr>{body}</table>"
 
 
-def save_html(figs: dict[str, go.Figure] | Iterable[go.Figure], out_dir: str | Path, filename: str = "figures.html",
-              table: list[dict[str, Any]] | None = None, title: str = "BoRA Lab comparison") -> Path:
-    """Write the figures (and optionally a results table) to one standalone HTML file.
+def report_html(results: dict) -> str:
+    """The standalone page of a comparison: its results table and every figure (``figures.html``)."""
+    cfg = results.get("config", {})
+    return page_html(all_figures(results), table=results_table(results),
+                     title=f"BoRA Lab: {cfg.get('task')} on {cfg.get('model')} ({results.get('status')})")
 
-    plotly.js is embedded once, so the page works offline. Returns the file path.
-    """
+
+def page_html(figs: dict[str, go.Figure] | Iterable[go.Figure], table: list[dict[str, Any]] | None = None,
+              title: str = "BoRA Lab comparison") -> str:
+    """The figures (and optionally a results table) as one standalone HTML page (plotly.js embedded once,
+    so it works offline)."""
     figs = list(figs.values()) if isinstance(figs, dict) else list(figs)
     parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>",
              f"<h2>{html.escape(title)}</h2>", _table_html(table or [])]
     for i, fig in enumerate(figs):
         parts.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0)))
     parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def save_html(figs: dict[str, go.Figure] | Iterable[go.Figure], out_dir: str | Path, filename: str = "figures.html",
+              table: list[dict[str, Any]] | None = None, title: str = "BoRA Lab comparison") -> Path:
+    """Write :func:`page_html` to ``out_dir/filename``; returns the file path."""
     path = Path(out_dir) / filename
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(parts), encoding="utf-8")
+    path.write_text(page_html(figs, table, title), encoding="utf-8")
     return path

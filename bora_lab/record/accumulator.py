@@ -1,23 +1,18 @@
-"""The results dict of a comparison: built from events, saved to and loaded from a folder.
+"""The results dict of a comparison, folded from the engine's events: the one accumulator.
 
-``ResultsAccumulator.update(event)`` builds the dict incrementally, so the trainer (for
-``ComparisonDone`` and ``results.json``), the CLI and the app's live plots share one code path.
-The schema is documented in ``docs/results_schema.md``. Importing this module loads no torch, so
-the UI can import it freely (building an accumulator reads the method registry, and the summary's
-DoRA-figure fit uses ``analysis.weights``: both load torch on first use).
+``ResultsAccumulator.update(event)`` builds the dict incrementally. The engine keeps none of its
+own: the CLI, the app and ``engine.run`` each fold the event stream once, with this class. The
+schema is documented in ``docs/results_schema.md``. Importing this module loads no torch (the run
+order of a config reads the method registry, which does, on first use).
 """
 from __future__ import annotations
 
-import copy
-import csv
-import json
 import math
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
-from .layers import LayerStore
+from .layer_store import LayerStore
 
 SCHEMA_VERSION = 1
 FINAL_LOSS_WINDOW = 10  # "final loss" = mean training loss of the last 10 steps (single steps are noisy)
@@ -84,13 +79,15 @@ class ResultsAccumulator:
         """Fold one event into the results; returns the (same, mutated) results dict."""
         kind = _get(event, "kind")
         res = self.results
-        if kind == "comparison_done":
-            done = _get(event, "results")
-            if done is not res:
-                res.clear()
-                res.update(copy.deepcopy(done))
-                self._index = {r["run_id"]: r for r in res["runs"]}
+        if kind == "comparison_started":
+            res.update(task=_get(event, "task"), device=_get(event, "device"),
+                       peak_mem_kind=_get(event, "peak_mem_kind"), lockstep=_get(event, "lockstep"),
+                       num_threads=_get(event, "num_threads"), threads_reason=_get(event, "threads_reason"),
+                       environment=_get(event, "environment"))
             return res
+        if kind == "comparison_done":
+            res["elapsed_s"] = _get(event, "elapsed_s")
+            return self.finish(_get(event, "status"))
         if kind == "progress":
             res["progress"] = {k: _get(event, k) for k in ("done_steps", "total_steps", "elapsed_s", "eta_s")}
         elif kind == "cancelled":
@@ -127,14 +124,14 @@ class ResultsAccumulator:
         elif kind == "error":
             entry["status"], entry["error"] = _get(ev, "status", "error"), _get(ev, "message")
         elif kind == "run_finished":
-            summary = dict(_get(ev, "summary"))
+            summary = summarize(entry, self.results.get("task"), status=_get(ev, "status"))
             entry["summary"] = summary
-            entry["status"] = summary.get("status", entry["status"])
+            entry["status"] = summary["status"]
             entry["median_step_s"] = summary.get("median_step_s")
             entry["peak_mem_mb"] = summary.get("peak_mem_mb", entry["peak_mem_mb"])
 
     def finish(self, status: str = "done") -> dict[str, Any]:
-        """Mark the comparison finished (unless cancelled) and return the results."""
+        """Mark the comparison finished (a cancelled one stays cancelled) and return the results."""
         if self.results["status"] == "running":
             self.results["status"] = status
         return self.results
@@ -190,107 +187,9 @@ def summarize(entry: dict[str, Any], task: dict[str, Any] | None = None, status:
     return out
 
 
-# --------------------------------------------------------------------------- files
-def _clean(obj: Any) -> Any:
-    """Strict JSON: NaN/inf floats become None (JSON has no NaN)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
-
-
-def _csv_rows(results: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
-    metric_names = sorted({k for r in results["runs"] for e in r["eval"] for k in e["metrics"]})
-    header = ["run_id", "method", "rank", "step", "loss", "lr", "step_s", "peak_mem_mb"]
-    header += [f"eval_{k}" for k in metric_names]
-    rows = []
-    for run in results["runs"]:
-        evals = {e["step"]: e["metrics"] for e in run["eval"]}
-        for h in run["history"]:
-            row = {"run_id": run["run_id"], "method": run["method"], "rank": run["rank"], **h}
-            for k in metric_names:
-                row[f"eval_{k}"] = evals.get(h["step"], {}).get(k, "")
-            rows.append(row)
-    return header, rows
-
-
-def save_results(results: dict[str, Any], out_dir: str | Path, weights: dict[str, Any] | None = None,
-                 html: bool = True, layers: LayerStore | None = None) -> Path:
-    """Write a comparison to ``out_dir``.
-
-    Files: ``results.json`` (the results dict), ``config.json`` (the RunConfig), ``steps.csv``
-    (one row per run and step: run_id, method, rank, step, loss, lr, step_s, peak_mem_mb and
-    ``eval_<metric>`` where an eval happened at that step), ``figures.html`` (all plots, standalone)
-    when ``html``, and with ``weights`` (``ComparisonDone.weights``)
-    ``weights/<run_id>/weights_start.safetensors`` and ``weights_end.safetensors`` keyed by module name,
-    and with ``layers`` (``ComparisonDone.layers``) the layer checkpoints under ``layers/``
-    (:mod:`bora_lab.train.layers`).
-
-    Returns:
-        The folder.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(_clean(results), indent=1, allow_nan=False))
-    (out / "config.json").write_text(json.dumps(results.get("config", {}), indent=1))
-    header, rows = _csv_rows(results)
-    with open(out / "steps.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    if weights:
-        from safetensors.torch import save_file
-
-        for run_id, pair in weights.items():
-            folder = out / "weights" / run_id
-            folder.mkdir(parents=True, exist_ok=True)
-            for when, tensors in pair.items():
-                if tensors:
-                    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / f"weights_{when}.safetensors"))
-    if layers:
-        layers.save(out)
-    if html:
-        from ..plots import all_figures, results_table, save_html
-
-        cfg = results.get("config", {})
-        save_html(all_figures(results), out, table=results_table(results),
-                  title=f"BoRA Lab: {cfg.get('task')} on {cfg.get('model')} ({results.get('status')})")
-    return out
-
-
-def load_results(path: str | Path) -> dict[str, Any]:
-    """Read ``results.json`` from a folder written by :func:`save_results` (or the file itself).
-
-    Raises:
-        FileNotFoundError: no results.json there.
-        ValueError: the file is not a BoRA Lab results file of a known schema version.
-    """
-    p = Path(path)
-    if p.is_dir():
-        p = p / "results.json"
-    if not p.is_file():
-        raise FileNotFoundError(f"no results.json at {p}")
-    results = json.loads(p.read_text())
-    if not isinstance(results, dict) or "runs" not in results:
-        raise ValueError(f"{p} is not a BoRA Lab results file")
-    if results.get("schema_version", 0) > SCHEMA_VERSION:
-        raise ValueError(f"{p} has schema version {results['schema_version']}; this BoRA Lab reads <= {SCHEMA_VERSION}")
-    return results
-
-
-def list_results(root: str | Path = "runs") -> list[dict[str, Any]]:
-    """Saved comparisons under ``root`` (newest first): path, created, task, methods, ranks, status."""
-    found = []
-    for f in Path(root).glob("*/results.json"):
-        try:
-            r = load_results(f)
-        except (ValueError, OSError):
-            continue
-        cfg = r.get("config", {})
-        found.append({"path": str(f.parent), "created": r.get("created"), "task": cfg.get("task"),
-                      "model": cfg.get("model"), "methods": cfg.get("methods"), "ranks": cfg.get("ranks"),
-                      "status": r.get("status")})
-    return sorted(found, key=lambda d: d["created"] or "", reverse=True)
+def fold(cfg: Any, events: Any) -> ResultsAccumulator:
+    """An accumulator that has folded ``events`` (e.g. a list from ``engine.compare(cfg)``)."""
+    acc = ResultsAccumulator(cfg)
+    for ev in events:
+        acc.update(ev)
+    return acc

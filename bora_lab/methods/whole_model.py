@@ -43,7 +43,7 @@ def default_targets(model: nn.Module) -> list[str]:
     # unknown architecture: the Linear names of the first transformer block (the longest ModuleList)
     blocks = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
     scope = max(blocks, key=len)[0] if blocks else model
-    names = [n.rsplit(".", 1)[-1] for n, m in scope.named_modules() if _is_linear(m)]
+    names = [n.rsplit(".", 1)[-1] for n, m in scope.named_modules() if is_linear(m)]
     names = [n for n in dict.fromkeys(names) if n not in HEAD_NAMES and n != "lm_head"]
     if not names:
         raise ValueError(f"no default target modules known for {type(model).__name__}; name them explicitly")
@@ -60,11 +60,11 @@ def head_module_names(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_modules() if n and n.rsplit(".", 1)[-1] in HEAD_NAMES]
 
 
-def _is_linear(module: nn.Module) -> bool:
+def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
-def _as_linear(module: nn.Module) -> nn.Linear:
+def as_linear(module: nn.Module) -> nn.Linear:
     """GPT-2's ``Conv1D`` stores ``[in, out]``; turn it into an equivalent ``nn.Linear`` (``[out, in]``)."""
     if isinstance(module, nn.Linear):
         return module
@@ -82,7 +82,7 @@ def find_targets(model: nn.Module, target_modules: list[str]) -> list[str]:
 
     Raises a ValueError naming every target that matched nothing, with the valid choices.
     """
-    linear = [n for n, m in model.named_modules() if _is_linear(m)]
+    linear = [n for n, m in model.named_modules() if is_linear(m)]
     head = set(head_module_names(model))
     found, missing = [], []
     for t in target_modules:
@@ -129,7 +129,7 @@ def apply(model: nn.Module, method: str, rank: int = 8, alpha: float = 16.0,
         p.requires_grad_(False)
     if cls.kind == "layer":
         for name in find_targets(model, targets):
-            _set_module(model, name, cls(_as_linear(model.get_submodule(name)), cfg))
+            _set_module(model, name, cls(as_linear(model.get_submodule(name)), cfg))
     else:
         cls.apply_to_model(model, cfg, targets)
     heads = head_module_names(model) if train_head else []

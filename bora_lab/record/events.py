@@ -1,6 +1,9 @@
-"""Events the trainer yields. Plain dataclasses: the CLI prints them, the UI turns them into plots.
+"""Events the engine yields. Plain dataclasses: the CLI prints them, the UI turns them into plots,
+``ResultsAccumulator`` folds them into the results dict (the engine keeps no results of its own).
 
 Every event has ``kind`` and ``to_dict()`` (JSON-ready). ``run_id`` is ``"<method>-r<rank>"``.
+Order: ``ComparisonStarted``, then per run ``RunStarted``, ``Step``/``Analysis``/``Eval``...,
+``RunFinished``, with ``Progress`` after every step, and last ``ComparisonDone``.
 """
 from __future__ import annotations
 
@@ -14,6 +17,20 @@ class Event:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class ComparisonStarted(Event):
+    """Facts about the whole comparison, known before the first step."""
+
+    task: dict[str, Any]  # the task's info (name, kind, metric, ...; see the results schema)
+    device: str
+    peak_mem_kind: str | None
+    lockstep: bool
+    num_threads: int | None  # torch CPU threads (None on a GPU)
+    threads_reason: str  # why that many, for people ("auto: both cores idle")
+    environment: dict[str, Any]  # versions, commit, device name (engine.environment)
+    kind: str = field(init=False, default="comparison_started")
 
 
 @dataclass
@@ -92,7 +109,7 @@ class Progress(Event):
 @dataclass
 class RunFinished(Event):
     run_id: str
-    summary: dict[str, Any]  # the run's row of the results table (see results.json schema)
+    status: str  # "done", "cancelled", "nan", "oom" or "error" (the accumulator adds the summary)
     kind: str = field(init=False, default="run_finished")
 
 
@@ -112,8 +129,12 @@ class Cancelled(Event):
 
 @dataclass
 class ComparisonDone(Event):
-    results: dict[str, Any]  # exactly what results.json holds
+    status: str  # "done" or "cancelled"
+    elapsed_s: float  # wall time of the training (model loading and tokenisation excluded)
     kind: str = field(init=False, default="comparison_done")
     # With RunConfig.export_weights: {run_id: {"start": {module: Tensor}, "end": {...}}} (CPU, not JSON).
     weights: dict[str, Any] = field(default_factory=dict)
-    layers: Any = None  # train.layers.LayerStore of the LayerCheckpoint events (numpy, not JSON)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "status": self.status, "elapsed_s": self.elapsed_s,
+                "weights": sorted(self.weights)}

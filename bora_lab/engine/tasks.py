@@ -265,10 +265,10 @@ def _offline_mode() -> bool:
 
 def _load_hub_dataset(path: str, config_name: str | None, label: str, unknown_hint: bool = False):
     """``datasets.load_dataset`` with one-line errors; fails fast when the hub is unreachable."""
-    from .models import _hub_reachable
+    from .loading import hub_reachable
 
     offline_tasks = ", ".join(available_tasks(online=False))
-    if not _offline_mode() and not _hub_reachable():
+    if not _offline_mode() and not hub_reachable():
         if unknown_hint:
             raise ValueError(f"unknown task {label!r}: not an offline task, and the Hugging Face hub is unreachable "
                              f"(offline) to load it as a dataset id; offline tasks: {offline_tasks}")

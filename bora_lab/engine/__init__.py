@@ -1,9 +1,9 @@
 """Training: tasks, the headless trainer and its events, results files.
 
-The heavy modules (torch, transformers) load on first use, so ``from bora_lab.train import events``
-and ``from bora_lab.train.results import load_results`` stay cheap for the UI.
+The heavy modules (torch, transformers) load on first use, so ``from bora_lab.engine import events``
+and ``from bora_lab.record import load_results`` stay cheap for the UI.
 
-    from bora_lab.train import compare, run, RunConfig
+    from bora_lab.engine import compare, run, RunConfig
 """
 from __future__ import annotations
 

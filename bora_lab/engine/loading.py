@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from bora_lab.methods.model import default_analysis_module, default_targets  # noqa: F401 (re-exported)
+from bora_lab.methods.whole_model import default_analysis_module, default_targets  # noqa: F401 (re-exported)
 
 TASK_KINDS = ("classification", "regression", "causal_lm")
 OFFLINE_MODELS: dict[str, str] = {
@@ -242,7 +242,7 @@ def _resolve_hub(model_id: str) -> tuple[str, bool]:
     with contextlib.suppress(Exception), _quiet():  # an exception means "not cached": the hub is next
         AutoConfig.from_pretrained(model_id, local_files_only=True)
         return model_id, True  # in the local Hugging Face cache: no network needed
-    if not _hub_reachable():
+    if not hub_reachable():
         raise ModelLoadError(
             f"Could not load '{model_id}': the Hugging Face hub is unreachable (offline) and it is not "
             f"in the local cache. {hint}"
@@ -255,7 +255,7 @@ def _resolve_hub(model_id: str) -> tuple[str, bool]:
     return model_id, False
 
 
-def _hub_reachable() -> bool:
+def hub_reachable() -> bool:
     """False, within seconds, when offline mode is on or the hub's host does not answer."""
     from huggingface_hub import constants
 
@@ -280,7 +280,7 @@ def _load_from(folder, local, name, task_kind, num_labels, num_layers, dtype, se
     try:  # fork_rng: transformers' throwaway init of new modules must not advance the caller's RNG
         with _quiet(), torch.random.fork_rng(devices=[]):
             config = AutoConfig.from_pretrained(folder, local_files_only=local)
-            _configure(config, name, task_kind, num_labels, num_layers)
+            configure_model(config, name, task_kind, num_labels, num_layers)
             auto = AutoModelForCausalLM if task_kind == "causal_lm" else AutoModelForSequenceClassification
             model, info = auto.from_pretrained(
                 folder, config=config, dtype=dtype, local_files_only=local, output_loading_info=True
@@ -304,7 +304,7 @@ def _load_from(folder, local, name, task_kind, num_labels, num_layers, dtype, se
                        _find_layer_list(model), head)
 
 
-def _configure(config, name: str, task_kind: str, num_labels: int | None, num_layers: int | None) -> None:
+def configure_model(config, name: str, task_kind: str, num_labels: int | None, num_layers: int | None) -> None:
     """Set the head size and, for truncation, the layer count (from_pretrained skips later blocks)."""
     if task_kind == "regression":
         if num_labels not in (None, 1):

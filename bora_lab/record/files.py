@@ -1,0 +1,116 @@
+"""A comparison on disk: ``results.json``, ``config.json``, ``steps.csv``, weights and layer checkpoints.
+
+Writing figures is not done here (this package knows nothing of plotting): callers pass the page
+that ``bora_lab.figures.report_html`` renders, if they want one.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .accumulator import SCHEMA_VERSION
+from .layer_store import LayerStore
+
+
+def _clean(obj: Any) -> Any:
+    """Strict JSON: NaN/inf floats become None (JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _csv_rows(results: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
+    metric_names = sorted({k for r in results["runs"] for e in r["eval"] for k in e["metrics"]})
+    header = ["run_id", "method", "rank", "step", "loss", "lr", "step_s", "peak_mem_mb"]
+    header += [f"eval_{k}" for k in metric_names]
+    rows = []
+    for run in results["runs"]:
+        evals = {e["step"]: e["metrics"] for e in run["eval"]}
+        for h in run["history"]:
+            row = {"run_id": run["run_id"], "method": run["method"], "rank": run["rank"], **h}
+            for k in metric_names:
+                row[f"eval_{k}"] = evals.get(h["step"], {}).get(k, "")
+            rows.append(row)
+    return header, rows
+
+
+def save_results(results: dict[str, Any], out_dir: str | Path, weights: dict[str, Any] | None = None,
+                 layers: LayerStore | None = None, figures_html: str | None = None) -> Path:
+    """Write a comparison to ``out_dir``.
+
+    Files: ``results.json`` (the results dict), ``config.json`` (the RunConfig), ``steps.csv``
+    (one row per run and step: run_id, method, rank, step, loss, lr, step_s, peak_mem_mb and
+    ``eval_<metric>`` where an eval happened at that step), ``figures.html`` when ``figures_html``
+    is given (``bora_lab.figures.report_html(results)``), and with ``weights`` (``ComparisonDone.weights``)
+    ``weights/<run_id>/weights_start.safetensors`` and ``weights_end.safetensors`` keyed by module name,
+    and with ``layers`` (``ComparisonDone.layers``) the layer checkpoints under ``layers/``
+    (:mod:`bora_lab.record.layer_store`).
+
+    Returns:
+        The folder.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(_clean(results), indent=1, allow_nan=False))
+    (out / "config.json").write_text(json.dumps(results.get("config", {}), indent=1))
+    header, rows = _csv_rows(results)
+    with open(out / "steps.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    if weights:
+        from safetensors.torch import save_file
+
+        for run_id, pair in weights.items():
+            folder = out / "weights" / run_id
+            folder.mkdir(parents=True, exist_ok=True)
+            for when, tensors in pair.items():
+                if tensors:
+                    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / f"weights_{when}.safetensors"))
+    if layers:
+        layers.save(out)
+    if figures_html is not None:
+        (out / "figures.html").write_text(figures_html, encoding="utf-8")
+    return out
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    """Read ``results.json`` from a folder written by :func:`save_results` (or the file itself).
+
+    Raises:
+        FileNotFoundError: no results.json there.
+        ValueError: the file is not a BoRA Lab results file of a known schema version.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / "results.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"no results.json at {p}")
+    results = json.loads(p.read_text())
+    if not isinstance(results, dict) or "runs" not in results:
+        raise ValueError(f"{p} is not a BoRA Lab results file")
+    if results.get("schema_version", 0) > SCHEMA_VERSION:
+        raise ValueError(f"{p} has schema version {results['schema_version']}; this BoRA Lab reads <= {SCHEMA_VERSION}")
+    return results
+
+
+def list_results(root: str | Path = "runs") -> list[dict[str, Any]]:
+    """Saved comparisons under ``root`` (newest first): path, created, task, methods, ranks, status."""
+    found = []
+    for f in Path(root).glob("*/results.json"):
+        try:
+            r = load_results(f)
+        except (ValueError, OSError):
+            continue
+        cfg = r.get("config", {})
+        found.append({"path": str(f.parent), "created": r.get("created"), "task": cfg.get("task"),
+                      "model": cfg.get("model"), "methods": cfg.get("methods"), "ranks": cfg.get("ranks"),
+                      "status": r.get("status")})
+    return sorted(found, key=lambda d: d["created"] or "", reverse=True)

@@ -1,0 +1,37 @@
+"""The results table: one row per run, for the CLI's printout, the app and the HTML report."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .accumulator import summarize
+
+
+def _round(v: Any, digits: int = 4) -> Any:
+    if isinstance(v, float) and math.isfinite(v) and v != 0:
+        return round(v, max(0, digits - 1 - int(math.floor(math.log10(abs(v))))))
+    return v
+
+
+def results_table(results: dict) -> list[dict[str, Any]]:
+    """One row per run (works on partial results): the CLI prints it, the app shows it.
+
+    Columns: run, method, rank, status, trainable params, trainable %, final loss, the task's
+    metric, median step (s), peak mem (MiB), ΔM row, ΔM col, ΔD row, ΔD col (mean over analysed
+    modules, from the start), ΔM row/col (the asymmetry ratio). Missing values are None.
+    """
+    task = results.get("task", {})
+    metric = task.get("metric") or "metric"
+    rows = []
+    for run in results.get("runs", []):
+        s = run.get("summary") or summarize(run, task)
+        rows.append({
+            "run": run["run_id"], "method": run["method"], "rank": run["rank"] or "-", "status": s.get("status") or run.get("status"),
+            "trainable params": s.get("trainable_params"), "trainable %": _round(s.get("trainable_pct"), 3),
+            "final loss": _round(s.get("final_loss")), metric: _round(s.get("eval_metric")),
+            "median step (s)": _round(s.get("median_step_s"), 3), "peak mem (MiB)": _round(s.get("peak_mem_mb"), 4),
+            "ΔM row": _round(s.get("dM_row"), 3), "ΔM col": _round(s.get("dM_col"), 3),
+            "ΔD row": _round(s.get("dD_row"), 3), "ΔD col": _round(s.get("dD_col"), 3),
+            "ΔM row/col": _round(s.get("asymmetry_ratio"), 3),
+        })
+    return rows
