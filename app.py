@@ -1,5 +1,5 @@
 """BoRA Lab: `python app.py` opens the app on the offline default (MiniLM + fine-food reviews)."""
-from bora_lab.ui.layout import build_demo, launch
+from bora_lab.ui.app import build_demo, launch
 
 demo = build_demo()
 

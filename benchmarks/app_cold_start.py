@@ -25,9 +25,9 @@ import json, time
 t0 = time.perf_counter()
 import gradio
 t1 = time.perf_counter()
-import bora_lab.ui.layout as layout
+import bora_lab.ui.app as app
 t2 = time.perf_counter()
-demo = layout.build_demo()
+demo = app.build_demo()
 t3 = time.perf_counter()
 print(json.dumps({"gradio": t1 - t0, "bora_lab": t2 - t1, "build": t3 - t2}))
 """

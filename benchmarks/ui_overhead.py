@@ -6,7 +6,7 @@
 Two ways to run the same comparison, alternated ``--repeat`` times:
 
 * ``trainer``: ``for ev in compare(cfg): acc.update(ev)``: what the CLI does, no UI;
-* ``app``: the Run button's path without a browser: ``live.run_comparison`` (training in its worker
+* ``app``: the Run button's path without a browser: ``tab_compare.run_comparison`` (training in its worker
   thread, the page thread redrawing stale plots every 1-2 s), and every frame it yields put through
   Gradio's own ``postprocess`` (plotly figure -> JSON, DataFrame -> table payload), as the server would.
 
@@ -31,7 +31,7 @@ import gradio as gr  # noqa: E402
 from bora_lab.config import RunConfig  # noqa: E402
 from bora_lab.record import ResultsAccumulator  # noqa: E402
 from bora_lab.engine.trainer import compare  # noqa: E402
-from bora_lab.ui import handlers, live  # noqa: E402
+from bora_lab.ui import form, tab_compare, visitor  # noqa: E402
 
 
 def trainer_only(cfg: RunConfig) -> float:
@@ -46,14 +46,14 @@ def with_app(cfg: RunConfig) -> tuple[float, float, int]:
     """Wall time, seconds of UI work in the page thread, number of frames."""
     serialisers = {"loss": gr.Plot(render=False), "metric": gr.Plot(render=False), "md": gr.Plot(render=False),
                    "scatter": gr.Plot(render=False), "table": gr.Dataframe(render=False)}
-    values = handlers.ui_values(cfg)
-    session = live.Session()
-    gen = live.run_comparison(session, *[values[k] for k in handlers.input_keys()])
+    values = form.ui_values(cfg)
+    session = visitor.Session()
+    gen = tab_compare.run_comparison(session, *[values[k] for k in form.input_keys()])
     ui_s, frames = 0.0, 0
     t0 = time.perf_counter()
     for frame in gen:  # building a frame is timed inside `live` (job.render_s); serialising here
         t_frame = time.perf_counter()
-        for name, value in zip(live.OUTPUTS[2:], frame[2:]):
+        for name, value in zip(tab_compare.OUTPUTS[2:], frame[2:]):
             if not (isinstance(value, dict) and value == gr.skip()):
                 serialisers[name].postprocess(value)
         ui_s += time.perf_counter() - t_frame

@@ -24,7 +24,6 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import fields
 from typing import Any
 
 from .config import RunConfig, default_of, settings

@@ -94,9 +94,9 @@ class RunConfig:
                                                         '{"dora": {"detach_norm": false}}', None, factory=dict,
                                                         flag="")
     num_threads: int = setting(0, "CPU threads", "torch CPU threads while training; 0 = auto (the cores that "
-                               "other processes leave idle now)", None, min=0, max=1024)
+                               "other processes leave idle now)", MORE, min=0, max=1024)
     export_weights: bool = setting(False, "Export weights", "keep the merged analysed weights at the start and "
-                                   "the end (safetensors)", None, flag="")
+                                   "the end (safetensors)", MORE, flag="")
 
     def __post_init__(self):
         if self.num_layers == 0:  # the app's and CLI's "0 = all"

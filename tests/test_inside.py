@@ -16,7 +16,7 @@ from bora_lab.engine import runstate
 from bora_lab.record.layer_store import LayerStore, _json_safe
 from bora_lab.record import fold, save_results
 from bora_lab.engine.trainer import checkpoint_steps, compare
-from bora_lab.ui import live, tab_inside
+from bora_lab.ui import tab_inside, visitor
 
 LAYER_RUNS = ("lora-r4", "dora-r4", "bora-r4", "sbora_fa-r4", "qlora-r4", "mora-r4", "adalora-r4")
 QUERY0 = "bert.encoder.layer.0.attention.self.query"
@@ -40,10 +40,10 @@ def real(tmp_path_factory):
     return events, done.layers, folder
 
 
-def _live_session(events, folder) -> live.Session:
+def _live_session(events, folder) -> visitor.Session:
     """A session whose job replays ``events`` through the app's worker thread (which also saves them)."""
-    session = live.Session()
-    job = live.Job(tiny(), folder, compare_fn=lambda cfg, cancel: iter(events)).start()
+    session = visitor.Session()
+    job = visitor.Job(tiny(), folder, compare_fn=lambda cfg, cancel: iter(events)).start()
     assert job.finished.wait(30)
     session.job = job
     return session
@@ -215,7 +215,7 @@ def test_tab_says_not_applicable_for_a_model_level_method(real, tmp_path):
 
 
 def test_app_has_the_tab():
-    from bora_lab.ui.layout import build_demo
+    from bora_lab.ui.app import build_demo
 
     config = build_demo(RunConfig(steps=2)).get_config_file()
     ids = {c["props"].get("elem_id") for c in config["components"]}

@@ -259,7 +259,7 @@ def test_lesson_limits_and_unknown_methods(tmp_path):
 
 # -------------------------------------------------------------------------------- Gradio tabs
 def test_tabs_build_and_fill_compare_widgets():
-    from bora_lab.ui import handlers
+    from bora_lab.ui import form
     from bora_lab.ui.tab_cards import build_cards_tab, render_card
     from bora_lab.ui.tab_lessons import (
         build_lessons_tab,
@@ -269,7 +269,7 @@ def test_tabs_build_and_fill_compare_widgets():
     )
     from bora_lab.ui.tab_memory import build_memory_tab, estimate
 
-    keys = handlers.input_keys()
+    keys = form.input_keys()
     with gr.Blocks() as demo:
         with gr.Tabs():
             with gr.Tab("Compare"):

@@ -22,8 +22,8 @@ from bora_lab.config import RunConfig
 from bora_lab.methods import registry
 from bora_lab.record.events import (Analysis, Cancelled, ComparisonDone, Eval, Progress, RunError, RunFinished,
                                    RunStarted, Step)
-from bora_lab.record import ResultsAccumulator, load_results, summarize
-from bora_lab.ui import handlers, history, live
+from bora_lab.record import ResultsAccumulator, load_results
+from bora_lab.ui import common, form, tab_compare, tab_history, visitor
 
 TASK = {"name": "fine_foods", "kind": "classification", "metric": "accuracy", "higher_is_better": True}
 TINY = dict(methods=["lora", "dora", "bora"], ranks=[4], steps=6, analyze_every=2, eval_every=3)
@@ -32,7 +32,7 @@ TINY = dict(methods=["lora", "dora", "bora"], ranks=[4], steps=6, analyze_every=
 @pytest.fixture(autouse=True)
 def _runs_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("BORA_LAB_RUNS", str(tmp_path / "runs"))
-    monkeypatch.setattr(live, "MIN_INTERVAL_S", 0.05)  # redraw often so the tests see live updates
+    monkeypatch.setattr(tab_compare, "MIN_INTERVAL_S", 0.05)  # redraw often so the tests see live updates
 
 
 @dataclass
@@ -93,8 +93,8 @@ class Fake:
 
 
 def values_for(cfg: RunConfig) -> list:
-    v = handlers.ui_values(cfg)
-    return [v[k] for k in handlers.input_keys()]
+    v = form.ui_values(cfg)
+    return [v[k] for k in form.input_keys()]
 
 
 def drain(gen) -> list[tuple]:
@@ -114,17 +114,17 @@ def traces_named(fig: go.Figure) -> set[str]:
               method_options={"dora": {"detach_norm": False}, "bora": {"eps": 1e-5}}),
 ])
 def test_widgets_round_trip(cfg):
-    assert handlers.config_from_ui(**handlers.ui_values(cfg)) == cfg
+    assert form.config_from_ui(**form.ui_values(cfg)) == cfg
 
 
 def test_every_registered_method_and_option_has_a_widget():
-    labels = dict((v, k) for k, v in handlers.method_choices())
+    labels = dict((v, k) for k, v in form.method_choices())
     assert list(labels) == registry.available()
     assert labels["lora"] == "lora" and labels["dora"] == "dora (row)" and labels["bora"] == "bora (row+col)"
-    notes = handlers.method_notes(["lora", "bora"])
+    notes = form.method_notes(["lora", "bora"])
     assert registry.info("bora")["description"] in notes and "magnitude row + column" in notes
     assert "no magnitude vector" in notes and "**dora**" not in notes
-    keys = {s["key"] for s in handlers.option_specs()}
+    keys = {s["key"] for s in form.option_specs()}
     assert "dora.detach_norm" in keys and not any(k.endswith((".rank", ".alpha")) for k in keys)
 
 
@@ -140,13 +140,13 @@ def test_a_new_method_needs_no_ui_code():
         class Toy(methods.AdapterLinear):
             description, magnitude_axis = "a toy", "row (per output feature)"
 
-        assert "toy_method" in dict((v, k) for k, v in handlers.method_choices())
-        values = handlers.ui_values(RunConfig(methods=["toy_method"]))
+        assert "toy_method" in dict((v, k) for k, v in form.method_choices())
+        values = form.ui_values(RunConfig(methods=["toy_method"]))
         assert values["toy_method.knob"] == 3
-        cfg = handlers.config_from_ui(**{**values, "toy_method.knob": 5})
+        cfg = form.config_from_ui(**{**values, "toy_method.knob": 5})
         assert cfg.method_options == {"toy_method": {"knob": 5}}
         with pytest.raises(ValueError, match="toy_method.knob must be <= 9"):
-            handlers.config_from_ui(**{**values, "toy_method.knob": 10})
+            form.config_from_ui(**{**values, "toy_method.knob": 10})
     finally:
         registry.METHODS.pop("toy_method", None)
 
@@ -166,49 +166,49 @@ def test_a_new_method_needs_no_ui_code():
     ({"dora.eps": -1.0}, "dora.eps must be >= 0"),
 ])
 def test_bad_widget_values_give_specific_messages(change, message):
-    values = {**handlers.ui_values(), **change}
+    values = {**form.ui_values(), **change}
     with pytest.raises(ValueError, match=message):
-        handlers.config_from_ui(**values)
+        form.config_from_ui(**values)
 
 
 def test_task_suggests_its_settings_and_switching_back_restores_them():
     from bora_lab.engine.tasks import task_defaults
 
     suggested = task_defaults("synthetic_col")
-    synthetic = handlers.task_values("synthetic_col")
+    synthetic = form.task_values("synthetic_col")
     assert synthetic["model"] == suggested["model"] != RunConfig().model and synthetic["lr"] == suggested["lr"]
-    back = handlers.task_values("fine_foods")
+    back = form.task_values("fine_foods")
     assert back["model"] == RunConfig().model and back["lr"] == RunConfig().lr
 
 
 # --------------------------------------------------------------------------- events -> updates
 def test_stale_plots_follow_the_events():
-    assert handlers.stale_plots([Step("a", 1, 0.5, 1e-3, 0.1, 1.0)]) == {"loss"}
-    assert handlers.stale_plots([Analysis("a", 2, {})]) == {"md", "scatter", "table"}
-    assert handlers.stale_plots([Progress(1, 2, 0.1, 0.1)]) == set()
+    assert common.stale_plots([Step("a", 1, 0.5, 1e-3, 0.1, 1.0)]) == {"loss"}
+    assert common.stale_plots([Analysis("a", 2, {})]) == {"md", "scatter", "table"}
+    assert common.stale_plots([Progress(1, 2, 0.1, 0.1)]) == set()
 
 
 def test_progress_bar_and_durations():
-    html = handlers.progress_html(30, 120, 65, 195)
+    html = common.progress_html(30, 120, 65, 195)
     assert 'style="width:25.0%"' in html and "30 / 120 steps" in html and "1:05 elapsed" in html
     assert "about 3:15 left" in html
-    assert handlers.fmt_duration(3725) == "1:02:05" and handlers.fmt_duration(None) == "?"
+    assert common.fmt_duration(3725) == "1:02:05" and common.fmt_duration(None) == "?"
 
 
 def test_error_messages_are_one_line_and_suggest_a_fix():
     class OutOfMemoryError(RuntimeError):
         pass
 
-    oom = handlers.error_message(OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\ntrace"), "cuda")
+    oom = common.error_message(OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\ntrace"), "cuda")
     assert "smaller batch size" in oom and "rank" in oom and "\n" not in oom
-    assert handlers.error_message(ValueError("unknown model 'x' (offline)\nmore")) == "Unknown model 'x' (offline)"
-    assert handlers.error_message(RuntimeError("boom")) == "RuntimeError: boom"
+    assert common.error_message(ValueError("unknown model 'x' (offline)\nmore")) == "Unknown model 'x' (offline)"
+    assert common.error_message(RuntimeError("boom")) == "RuntimeError: boom"
 
 
 def test_run_streams_live_plots_of_every_run_and_saves_them():
-    session = live.Session()
+    session = visitor.Session()
     cfg = RunConfig(**TINY)
-    outs = drain(live.run_comparison(session, *values_for(cfg), compare_fn=Fake(delay=0.02)))
+    outs = drain(tab_compare.run_comparison(session, *values_for(cfg), compare_fn=Fake(delay=0.02)))
     assert len(outs) >= 3  # a first frame, live redraws, the final frame
     status, progress, loss, metric, md, scatter, table = outs[-1]
     runs = set(cfg.run_ids())
@@ -222,36 +222,36 @@ def test_run_streams_live_plots_of_every_run_and_saves_them():
 
 
 def test_live_frames_skip_plots_that_did_not_change():
-    session = live.Session()
-    drain(live.run_comparison(session, *values_for(RunConfig(**TINY)), compare_fn=Fake()))
-    frame = live.render(session.job, handlers.stale_plots([Step("lora-r4", 9, 0.1, 1e-3, 0.1, 1.0)]), "from_start")
-    assert dict(zip(live.OUTPUTS, frame)).keys() == set(live.OUTPUTS)
+    session = visitor.Session()
+    drain(tab_compare.run_comparison(session, *values_for(RunConfig(**TINY)), compare_fn=Fake()))
+    frame = tab_compare.render(session.job, common.stale_plots([Step("lora-r4", 9, 0.1, 1e-3, 0.1, 1.0)]), "from_start")
+    assert dict(zip(tab_compare.OUTPUTS, frame)).keys() == set(tab_compare.OUTPUTS)
     assert isinstance(frame[2], go.Figure)
     assert frame[3] == frame[4] == frame[5] == frame[6] == gr.skip()
 
 
 def test_bad_input_raises_a_gradio_error_without_starting():
-    session = live.Session()
+    session = visitor.Session()
     values = values_for(RunConfig(**TINY))
-    values[handlers.input_keys().index("methods")] = []
+    values[form.input_keys().index("methods")] = []
     with pytest.raises(gr.Error, match="Select at least one method"):
-        drain(live.run_comparison(session, *values, compare_fn=Fake()))
+        drain(tab_compare.run_comparison(session, *values, compare_fn=Fake()))
     assert session.job is None
 
 
 def test_model_that_cannot_load_becomes_one_line_error_and_no_folder():
-    session = live.Session()
+    session = visitor.Session()
     fake = Fake(fail=ValueError("cannot load model 'nobody/nothing': the Hugging Face hub is unreachable (offline)"))
     with pytest.raises(gr.Error, match="hub is unreachable"):
-        drain(live.run_comparison(session, *values_for(RunConfig(**TINY)), compare_fn=fake))
+        drain(tab_compare.run_comparison(session, *values_for(RunConfig(**TINY)), compare_fn=fake))
     assert not session.run_dirs[-1].exists()
 
 
 def test_nan_run_stops_with_a_warning_and_the_others_finish():
-    session = live.Session()
+    session = visitor.Session()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        outs = drain(live.run_comparison(session, *values_for(RunConfig(**TINY)),
+        outs = drain(tab_compare.run_comparison(session, *values_for(RunConfig(**TINY)),
                                          compare_fn=Fake(nan_run="dora-r4")))
     assert any("dora-r4: loss became NaN" in str(w.message) for w in caught)
     status, table = outs[-1][0], outs[-1][6]
@@ -260,16 +260,16 @@ def test_nan_run_stops_with_a_warning_and_the_others_finish():
 
 
 def test_stop_keeps_and_saves_partial_results():
-    session = live.Session()
+    session = visitor.Session()
     cfg = RunConfig(**{**TINY, "steps": 200})
-    gen = live.run_comparison(session, *values_for(cfg), compare_fn=Fake(delay=0.01))
+    gen = tab_compare.run_comparison(session, *values_for(cfg), compare_fn=Fake(delay=0.01))
     consumer = threading.Thread(target=drain, args=(gen,))  # Gradio iterates the generator in a worker
     consumer.start()
     deadline = time.monotonic() + 30
     while session.job is None or session.job.progress is None or session.job.progress.done_steps < 9:
         assert time.monotonic() < deadline, "the fake comparison never reached step 9"
         time.sleep(0.01)
-    status, progress, loss, *_, table = live.stop_comparison(session)
+    status, progress, loss, *_, table = tab_compare.stop_comparison(session)
     consumer.join(10)
     assert "Stopped" in status and "kept" in status and "Saved to" in status
     assert set(table["status"]) == {"cancelled"}
@@ -279,56 +279,56 @@ def test_stop_keeps_and_saves_partial_results():
 
 
 def test_stop_when_nothing_runs_is_harmless():
-    assert all(o == gr.skip() for o in live.stop_comparison(live.Session()))
+    assert all(o == gr.skip() for o in tab_compare.stop_comparison(visitor.Session()))
 
 
 def test_session_state_is_private_per_visitor():
     import copy
 
-    first = live.Session()
+    first = visitor.Session()
     first.run_dirs.append("x")
     second = copy.deepcopy(first)  # what gr.State does for each new visitor
     assert second.run_dirs == [] and second.job is None
 
 
 def test_md_view_switch_redraws_the_last_comparison():
-    session = live.Session()
-    drain(live.run_comparison(session, *values_for(RunConfig(**TINY)), compare_fn=Fake()))
-    fig = live.change_md_view(session, "step to step (t vs t-1)")
+    session = visitor.Session()
+    drain(tab_compare.run_comparison(session, *values_for(RunConfig(**TINY)), compare_fn=Fake()))
+    fig = tab_compare.change_md_view(session, "step to step (t vs t-1)")
     assert isinstance(fig, go.Figure) and session.md_view == "step_to_step"
 
 
 # --------------------------------------------------------------------------- history
 def test_history_lists_reopens_overlays_and_downloads(tmp_path):
-    session = live.Session()
+    session = visitor.Session()
     for seed in (0, 1):
-        drain(live.run_comparison(session, *values_for(RunConfig(**TINY, seed=seed)), compare_fn=Fake()))
-    frame, choices = history.list_runs(session, show_all=False)
+        drain(tab_compare.run_comparison(session, *values_for(RunConfig(**TINY, seed=seed)), compare_fn=Fake()))
+    frame, choices = tab_history.list_runs(session, show_all=False)
     names = [d.name for d in reversed(session.run_dirs)]
     assert list(frame["run folder"]) == names and choices["choices"] == names
-    one = history.open_runs(session, False, names[:1], "from the start (t vs 0)")
+    one = tab_history.open_runs(session, False, names[:1], "from the start (t vs 0)")
     assert list(one[5]["run"]) == RunConfig(**TINY).run_ids()
     assert {p.rsplit(".", 1)[-1] for p in one[6]} >= {"json", "csv", "html"}
-    both = history.open_runs(session, False, names, "from the start (t vs 0)")
-    assert len(both[5]) == 6 and any(history.short_label(names[1]) in r for r in both[5]["run"])
+    both = tab_history.open_runs(session, False, names, "from the start (t vs 0)")
+    assert len(both[5]) == 6 and any(tab_history.short_label(names[1]) in r for r in both[5]["run"])
     assert {p.rsplit(".", 1)[-1] for p in both[6]} >= {"json", "csv", "html"}
     with pytest.raises(gr.Error, match="not in your list"):
-        history.open_runs(live.Session(), False, names[:1], "from the start (t vs 0)")  # another visitor
+        tab_history.open_runs(visitor.Session(), False, names[:1], "from the start (t vs 0)")  # another visitor
 
 
 def test_history_opens_an_uploaded_cli_results_file():
-    session = live.Session()
-    drain(live.run_comparison(session, *values_for(RunConfig(**TINY)), compare_fn=Fake()))
-    out = history.open_upload(live.Session(), str(session.run_dirs[-1] / "results.json"), "from the start (t vs 0)")
+    session = visitor.Session()
+    drain(tab_compare.run_comparison(session, *values_for(RunConfig(**TINY)), compare_fn=Fake()))
+    out = tab_history.open_upload(visitor.Session(), str(session.run_dirs[-1] / "results.json"), "from the start (t vs 0)")
     assert "uploaded" in out[0] and len(out[5]) == 3
 
 
 # --------------------------------------------------------------------------- the real trainer
 def test_real_trainer_on_the_synthetic_task():
-    session = live.Session()
+    session = visitor.Session()
     cfg = RunConfig(task="synthetic_col", model="linear", methods=["lora", "bora"], ranks=[2], steps=8,
                     batch_size=16, lr=0.02, eval_every=4, analyze_every=2, warmup_ratio=0.0, device="cpu")
-    outs = drain(live.run_comparison(session, *values_for(cfg)))
+    outs = drain(tab_compare.run_comparison(session, *values_for(cfg)))
     status, _, loss, *_, table = outs[-1]
     assert "Done" in status and list(table["run"]) == cfg.run_ids()
     assert load_results(session.run_dirs[-1])["status"] == "done"

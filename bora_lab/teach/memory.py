@@ -83,6 +83,11 @@ def spec_from_model(model_id: str = "minilm", num_layers: int | None = None, tas
     return _spec(model_id, net)
 
 
+SIZE_LIMITS = {"parameters": 10**13, "layers": 1_000, "hidden size": 65_536, "vocabulary": 2_000_000,
+               "attention heads": 1_024, "key/value heads": 1_024}
+RUN_LIMITS = {"rank": 65_536, "batch size": 65_536, "sequence length": 1_048_576}
+
+
 def spec_from_sizes(n_params: float, n_layers: int, hidden: int, vocab: int = 32000, n_heads: int | None = None,
                     intermediate: int | None = None, n_kv_heads: int | None = None, name: str = "custom",
                     tie_embeddings: bool = False) -> ModelSpec:
@@ -100,6 +105,10 @@ def spec_from_sizes(n_params: float, n_layers: int, hidden: int, vocab: int = 32
     n_params, n_layers, hidden, vocab = int(n_params), int(n_layers), int(hidden), int(vocab)
     if min(n_params, n_layers, hidden, vocab) < 1:
         raise ValueError("parameters, layers, hidden size and vocabulary must all be positive")
+    for what, value in (("parameters", n_params), ("layers", n_layers), ("hidden size", hidden),
+                        ("vocabulary", vocab), ("attention heads", n_heads or 1), ("key/value heads", n_kv_heads or 1)):
+        if value > SIZE_LIMITS[what]:  # the estimate builds the model's skeleton: keep it to real model sizes
+            raise ValueError(f"{what} must be <= {SIZE_LIMITS[what]:,} (the largest real models), got {value:,}")
     n_heads = int(n_heads or max(1, hidden // 128))
     if hidden % n_heads:
         raise ValueError(f"hidden size {hidden} is not divisible by {n_heads} attention heads")
@@ -179,6 +188,9 @@ def estimate_memory(model: ModelSpec | str = "minilm", method: str = "lora", ran
         ``{"components": {name: bytes}, "total", "params", "per_trainable_bytes", "per_trainable_total",
         "details", "notes", "inputs", "model"}``.
     """
+    for what, value in (("rank", rank), ("batch size", batch_size), ("sequence length", seq_len)):
+        if not 0 <= int(value) <= RUN_LIMITS[what]:
+            raise ValueError(f"{what} must be between 0 and {RUN_LIMITS[what]:,}, got {value:,}")
     from .skeleton import count_params, skeleton
 
     _check("precision", precision, PRECISION_BYTES)

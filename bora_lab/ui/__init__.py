@@ -1,9 +1,9 @@
-"""The Gradio app, split from the engine (LLaMA-Factory ``webui/``):
+"""The Gradio app, one module per tab over shared helpers (tabs never import each other):
 
-* ``layout.py``: ``build_demo()`` builds the ``gr.Blocks`` (components and wiring only);
-* ``handlers.py``: widgets <-> ``RunConfig`` and trainer events -> figure/table updates;
-* ``live.py``: one comparison running in a background thread, per browser session;
-* ``history.py``: the History tab (saved runs on disk, overlay, downloads).
-
-Nothing here imports torch or holds a model in a module global.
+* ``app.py``: ``build_demo()`` assembles the tabs into one ``gr.Blocks``; ``launch()``;
+* ``tab_compare.py``: the settings form, Run/Stop and the live plots of a comparison;
+* ``tab_history.py``, ``tab_lessons.py``, ``tab_inside.py``, ``tab_cards.py``, ``tab_memory.py``: the other tabs;
+* ``form.py``: widgets <-> ``RunConfig`` and method options (labels and bounds from ``RunConfig``'s metadata);
+* ``session.py``: a visitor's state (``gr.State``): the running ``Job`` and their saved runs;
+* ``common.py``: results -> plots and table, progress bar, error text.
 """

@@ -11,7 +11,7 @@ import gradio as gr
 
 from bora_lab.methods import registry
 
-from . import handlers
+from . import common, form
 
 MODELS = ["minilm", "smollm2"]
 RANKS = ["1", "2", "4", "8", "16", "32", "64"]
@@ -50,7 +50,7 @@ def render_card(method: str, model: str, layer: str | None, rank: Any) -> tuple[
         card = method_card(method, int(d_in), int(d_out), r, model=model)
         rows = cards_table(model, rank=r)
     except Exception as err:  # noqa: BLE001  bad rank, unknown model offline...: say so in the card
-        return f"**Cannot build this card:** {handlers.error_message(err)}", None, []
+        return f"**Cannot build this card:** {common.error_message(err)}", None, []
     table = [[row["method"], row["kind"], row["trainable"], row["% of model"], row["magnitude axis"],
               "yes" if row["mergeable"] else "no", row["note"]] for row in rows]
     return card_markdown(card), shapes_figure(card), table
@@ -62,7 +62,7 @@ def build_cards_tab() -> None:
     with gr.Tab("Method cards", id="cards") as tab:
         with gr.Row():
             first = "bora" if "bora" in methods else (methods[0] if methods else None)
-            method = gr.Dropdown([(handlers.method_label(m), m) for m in methods], value=first,
+            method = gr.Dropdown([(form.method_label(m), m) for m in methods], value=first,
                                  label="Method", elem_id="bl-card-method", scale=3)
             model = gr.Dropdown(MODELS, value="minilm", allow_custom_value=True, label="Model",
                                 info="offline: minilm, smollm2; any Hugging Face id when online", scale=1)
@@ -81,7 +81,7 @@ def build_cards_tab() -> None:
         try:
             choices = layer_dropdown_choices((model_v or "minilm").strip())
         except Exception as err:  # noqa: BLE001  unknown model offline, unreadable config
-            return gr.update(choices=[], value=None), f"**Cannot read this model:** {handlers.error_message(err)}", None, []
+            return gr.update(choices=[], value=None), f"**Cannot read this model:** {common.error_message(err)}", None, []
         first = choices[0][1] if choices else None
         return (gr.update(choices=choices, value=first), *render_card(method_v, model_v, first, rank_v))
 

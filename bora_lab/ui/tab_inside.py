@@ -14,7 +14,7 @@ from typing import Any
 
 import gradio as gr
 
-from . import handlers, history, live
+from . import common, visitor
 
 LIVE = "live"  # source value of this session's current (or last) comparison
 PLAY_DELAY_S = 0.8  # pause between frames of Play
@@ -22,7 +22,7 @@ PLOTS = ("matrices", "norms", "spectrum", "method")
 _EMPTY_MSG = "Run a comparison (Compare tab) or pick a saved run, then a run, a module and a step."
 
 
-def _store_and_results(session: live.Session, source: str | None) -> tuple[Any, dict[str, Any]]:
+def _store_and_results(session: visitor.Session, source: str | None) -> tuple[Any, dict[str, Any]]:
     """``(LayerStore, results dict)`` of a source: the live job (a consistent copy) or a run folder."""
     from bora_lab.record.layer_store import LayerStore
     from bora_lab.record import load_results
@@ -36,20 +36,20 @@ def _store_and_results(session: live.Session, source: str | None) -> tuple[Any, 
         with job.lock:
             store = job.acc.layers.copy()
         return store, job.results()
-    folders = {f.name: f for f in history.run_folders(session, history.shared_history_default())}
+    folders = {f.name: f for f in visitor.run_folders(session, visitor.shared_history_default())}
     if source not in folders:
         raise gr.Error("That run folder is not in your list any more; press Refresh.", print_exception=False)
     folder: Path = folders[source]
     return LayerStore.load(folder), load_results(folder)
 
 
-def source_choices(session: live.Session) -> list[tuple[str, str]]:
+def source_choices(session: visitor.Session) -> list[tuple[str, str]]:
     """The live comparison of this session (if any), then the saved run folders, newest first."""
     out = []
     if session.job is not None:
         state = "running" if session.job.running else "last"
         out.append((f"this session: {state} comparison ({session.job.out_dir.name})", LIVE))
-    out += [(f.name, f.name) for f in history.run_folders(session, history.shared_history_default())]
+    out += [(f.name, f.name) for f in visitor.run_folders(session, visitor.shared_history_default())]
     return out
 
 
@@ -94,7 +94,7 @@ def _describe(store: Any, run_id: str, step: int, module: str) -> str:
             f"‖ΔW‖_F = {np.linalg.norm(dw):.3g}, that is {100 * rel:.3g}% of ‖W0‖_F.")
 
 
-def render(session: live.Session, source: str | None, run_id: str | None, module: str | None,
+def render(session: visitor.Session, source: str | None, run_id: str | None, module: str | None,
            step: float | None) -> tuple:
     """``(status, matrices, norms, spectrum, method)`` for the chosen checkpoint (nearest step)."""
     from bora_lab.figures.layer_views import layer_figures
@@ -113,7 +113,7 @@ def render(session: live.Session, source: str | None, run_id: str | None, module
         figs = layer_figures(store, run_id, step, module)
         text = _describe(store, run_id, step, module)
     except Exception as err:  # noqa: BLE001 - a damaged or partial file: say so, keep the tab working
-        raise gr.Error(f"Could not draw this checkpoint: {handlers.error_message(err)}", print_exception=False) from None
+        raise gr.Error(f"Could not draw this checkpoint: {common.error_message(err)}", print_exception=False) from None
     return (text, *(figs[k] for k in PLOTS))
 
 
@@ -129,7 +129,7 @@ def _controls(store: Any, results: dict[str, Any], run_id: str | None) -> tuple[
                       info=f"checkpoints at steps {', '.join(map(str, steps))} (the nearest one is shown)"))
 
 
-def pick_source(session: live.Session, source: str | None):
+def pick_source(session: visitor.Session, source: str | None):
     """A comparison was chosen: fill the run list (layer-level runs first) and draw its first run."""
     store, results = _store_and_results(session, source)
     ids = [r["run_id"] for r in results.get("runs", [])] or store.run_ids()
@@ -142,14 +142,14 @@ def pick_source(session: live.Session, source: str | None):
     return (gr.update(choices=labels, value=run_id), modules, slider, *out)
 
 
-def pick_run(session: live.Session, source: str | None, run_id: str | None):
+def pick_run(session: visitor.Session, source: str | None, run_id: str | None):
     """A run was chosen: its modules and checkpoints, drawn at the last checkpoint."""
     store, results = _store_and_results(session, source)
     modules, slider = _controls(store, results, run_id)
     return (modules, slider, *render(session, source, run_id, None, None))
 
 
-def refresh(session: live.Session, source: str | None):
+def refresh(session: visitor.Session, source: str | None):
     """Re-list the sources (keeping the choice when it still exists)."""
     choices = source_choices(session)
     values = [v for _, v in choices]
@@ -157,7 +157,7 @@ def refresh(session: live.Session, source: str | None):
     return gr.update(choices=choices, value=value)
 
 
-def play(session: live.Session, source: str | None, run_id: str | None, module: str | None):
+def play(session: visitor.Session, source: str | None, run_id: str | None, module: str | None):
     """Step through every checkpoint of the run (slider and plots move together)."""
     store, _ = _store_and_results(session, source)
     steps = store.steps(run_id) if run_id else []

@@ -15,7 +15,7 @@ import gradio as gr
 from bora_lab.config import RunConfig
 from bora_lab.teach import lessons as L
 
-from . import handlers
+from . import form
 
 NONE_SELECTED = "Pick a lesson on the left: its settings fill the **Compare** tab, then press **Run** there."
 
@@ -59,7 +59,7 @@ def lesson_updates(lesson: dict[str, Any] | None, keys: list[str]) -> list[Any]:
     except ValueError as err:
         gr.Warning(str(err))
         return [gr.update() for _ in keys]
-    values = handlers.ui_values(cfg)
+    values = form.ui_values(cfg)
     return [gr.update(value=values[k]) if k in values else gr.update() for k in keys]
 
 
@@ -80,7 +80,7 @@ def build_lessons_tab(apply_to: dict[str, gr.components.Component]) -> None:
     """Add the "Lessons" tab (call inside the app's ``gr.Tabs()``).
 
     Args:
-        apply_to: the Compare tab's widgets keyed like ``handlers.input_keys()`` (``"steps"``,
+        apply_to: the Compare tab's widgets keyed like ``form.input_keys()`` (``"steps"``,
             ``"methods"``, ``"dora.detach_norm"``...); opening a lesson updates each of them.
             Saving a lesson reads their current values.
     """
@@ -129,7 +129,7 @@ def build_lessons_tab(apply_to: dict[str, gr.components.Component]) -> None:
 
     def save_lesson(title_v, id_v, view_v, summary_v, predict_v, look_v, *values):
         try:
-            cfg = handlers.config_from_ui(**dict(zip(keys, values)))
+            cfg = form.config_from_ui(**dict(zip(keys, values)))
             text_json = L.save_lesson(cfg, title_v.strip() or "My lesson", summary_v, predict_v, look_v,
                                       view_v or "table", id_v.strip() or None)
         except ValueError as err:

@@ -13,7 +13,7 @@ import gradio as gr
 
 from bora_lab.methods import registry
 
-from . import handlers
+from . import common, visitor
 
 SOURCES = ("model id", "typed sizes")
 PRECISIONS = ["fp32", "bf16", "int8", "nf4"]
@@ -52,7 +52,7 @@ def estimate(source, model_id, num_layers, name, params, layers, hidden, vocab, 
                               compute_precision=None if compute_prec == "auto" else compute_prec,
                               quantize_all=bool(quantize_all))
     except Exception as err:  # noqa: BLE001  bad sizes, unknown model offline, rank too large...
-        return None, [], f"**Cannot estimate:** {handlers.error_message(err)}"
+        return None, [], f"**Cannot estimate:** {common.error_message(err)}"
     fig = memory_figure(b, measured_mb=num(measured) or None,
                         measured_label=PEAK_KIND.get(measured_kind or "", "measured peak"))
     per = b["per_trainable_bytes"]
@@ -72,15 +72,15 @@ def estimate(source, model_id, num_layers, name, params, layers, hidden, vocab, 
 
 def saved_runs(session: Any = None) -> list[tuple[str, str]]:
     """``(label, "folder|run_id")`` for each saved run with a measured peak this visitor may see."""
-    from . import history
 
-    show_all = history.shared_history_default()
+
+    show_all = visitor.shared_history_default()
     if session is None and not show_all:
         return []
     out = []
-    for folder in history.run_folders(session, show_all):
+    for folder in visitor.run_folders(session, show_all):
         try:
-            results = json.loads((folder / history.RESULTS_FILE).read_text())
+            results = json.loads((folder / visitor.RESULTS_FILE).read_text())
         except (OSError, ValueError):
             continue
         for run in results.get("runs", []):
@@ -116,7 +116,7 @@ def build_memory_tab(session: gr.State | None = None) -> None:
     """Add the "Memory" tab (call inside the app's ``gr.Tabs()``).
 
     Args:
-        session: the app's ``gr.State(live.Session())``; with it, the visitor's own saved runs can be
+        session: the app's ``gr.State(visitor.Session())``; with it, the visitor's own saved runs can be
             picked to show their measured peak (without it, only when shared history is on).
     """
     from bora_lab.teach.memory import OPTIMIZERS

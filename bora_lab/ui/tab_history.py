@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 import tempfile
 import time
@@ -18,19 +17,10 @@ from typing import Any
 
 import gradio as gr
 
-from . import handlers, live
+from . import common, visitor
 
-RESULTS_FILE = "results.json"
 DOWNLOAD_SUFFIXES = (".json", ".csv", ".html")
 LIST_COLUMNS = ["run folder", "saved", "model", "task", "runs", "steps", "state"]
-
-
-def shared_history_default() -> bool:
-    """Whether the tab lists every saved run by default (see the module docstring)."""
-    flag = os.environ.get("BORA_LAB_SHARED_HISTORY")
-    if flag is not None:
-        return flag.strip().lower() in ("1", "true", "yes")
-    return "SPACE_ID" not in os.environ
 
 
 def _load(folder: Path) -> dict[str, Any]:
@@ -39,24 +29,14 @@ def _load(folder: Path) -> dict[str, Any]:
     return load_results(folder)
 
 
-def run_folders(session: live.Session, show_all: bool, root: Path | None = None) -> list[Path]:
-    """The run folders this visitor may open, newest first."""
-    root = root or live.runs_dir()
-    if show_all and root.is_dir():
-        found = [p.parent for p in root.glob(f"*/{RESULTS_FILE}")]
-    else:
-        found = [p for p in session.run_dirs if (p / RESULTS_FILE).is_file()]
-    return sorted(set(found), key=lambda p: (p / RESULTS_FILE).stat().st_mtime, reverse=True)
-
-
 def describe(folder: Path) -> dict[str, Any]:
     """One row of the run list: folder, date, model, task, runs, steps and state."""
-    saved = time.localtime((folder / RESULTS_FILE).stat().st_mtime)
+    saved = time.localtime((folder / visitor.RESULTS_FILE).stat().st_mtime)
     row: dict[str, Any] = {"run folder": folder.name, "saved": time.strftime("%Y-%m-%d %H:%M", saved)}
     try:
-        results = json.loads((folder / RESULTS_FILE).read_text())
+        results = json.loads((folder / visitor.RESULTS_FILE).read_text())
     except (OSError, ValueError) as err:
-        return {**row, "state": f"unreadable: {handlers.error_message(err)}"}
+        return {**row, "state": f"unreadable: {common.error_message(err)}"}
     cfg = results.get("config", {})
     row.update({
         "model": cfg.get("model", "?"),
@@ -68,11 +48,11 @@ def describe(folder: Path) -> dict[str, Any]:
     return row
 
 
-def list_runs(session: live.Session, show_all: bool):
+def list_runs(session: visitor.Session, show_all: bool):
     """Refresh the run list and the choices of the "runs to open" dropdown."""
     import pandas as pd
 
-    folders = run_folders(session, show_all)
+    folders = visitor.run_folders(session, show_all)
     frame = pd.DataFrame([describe(f) for f in folders], columns=LIST_COLUMNS)
     choices = [f.name for f in folders]
     return frame, gr.update(choices=choices, value=choices[:1])
@@ -119,11 +99,11 @@ def downloads(folders: list[Path], results: dict[str, Any]) -> list[str]:
     return sorted(str(p) for p in files)
 
 
-def open_runs(session: live.Session, show_all: bool, names: list[str], view_label: str):
+def open_runs(session: visitor.Session, show_all: bool, names: list[str], view_label: str):
     """Open one saved run, or overlay several; returns status, plots, table and download files."""
     if not names:
         raise gr.Error("Pick at least one saved run to open.", print_exception=False)
-    allowed = {f.name: f for f in run_folders(session, show_all)}
+    allowed = {f.name: f for f in visitor.run_folders(session, show_all)}
     folders = [allowed[n] for n in names if n in allowed]
     if len(folders) != len(names):
         raise gr.Error("That run is not in your list any more; press Refresh.", print_exception=False)
@@ -133,31 +113,31 @@ def open_runs(session: live.Session, show_all: bool, names: list[str], view_labe
             labels = [f.name for f in folders]
         results = merge_results([_load(f) for f in folders], labels)
     except Exception as err:
-        raise gr.Error(f"Could not open the run: {handlers.error_message(err)}", print_exception=False) from None
+        raise gr.Error(f"Could not open the run: {common.error_message(err)}", print_exception=False) from None
     session.history_results = results
-    plots = handlers.render_plots(results, handlers.PLOTS, handlers.MD_VIEWS.get(view_label, view_label))
+    plots = common.render_plots(results, common.PLOTS, common.MD_VIEWS.get(view_label, view_label))
     status = f"Showing {', '.join(f'`{n}`' for n in names)}."
-    return (status, *(plots[n] for n in handlers.PLOTS), downloads(folders, results))
+    return (status, *(plots[n] for n in common.PLOTS), downloads(folders, results))
 
 
-def open_upload(session: live.Session, path: str | None, view_label: str):
+def open_upload(session: visitor.Session, path: str | None, view_label: str):
     """Open a ``results.json`` uploaded from disk (a CLI run made elsewhere)."""
     if not path:
-        return tuple(gr.skip() for _ in range(len(handlers.PLOTS) + 2))
+        return tuple(gr.skip() for _ in range(len(common.PLOTS) + 2))
     try:
         results = _load(Path(path))
     except Exception as err:
-        raise gr.Error(f"Not a BoRA Lab results.json: {handlers.error_message(err)}", print_exception=False) from None
+        raise gr.Error(f"Not a BoRA Lab results.json: {common.error_message(err)}", print_exception=False) from None
     session.history_results = results
-    plots = handlers.render_plots(results, handlers.PLOTS, handlers.MD_VIEWS.get(view_label, view_label))
-    return (f"Showing the uploaded `{Path(path).name}`.", *(plots[n] for n in handlers.PLOTS), gr.skip())
+    plots = common.render_plots(results, common.PLOTS, common.MD_VIEWS.get(view_label, view_label))
+    return (f"Showing the uploaded `{Path(path).name}`.", *(plots[n] for n in common.PLOTS), gr.skip())
 
 
-def change_view(session: live.Session, view_label: str):
+def change_view(session: visitor.Session, view_label: str):
     results = getattr(session, "history_results", None)
     if results is None:
         return gr.skip()
-    return handlers.render_plots(results, ("md",), handlers.MD_VIEWS.get(view_label, view_label))["md"]
+    return common.render_plots(results, ("md",), common.MD_VIEWS.get(view_label, view_label))["md"]
 
 
 def build_tab(session: gr.State) -> tuple[list, list]:
@@ -167,7 +147,7 @@ def build_tab(session: gr.State) -> tuple[list, list]:
         ``(inputs, outputs)`` of :func:`list_runs`, for the layout to refresh the list when the tab opens.
     """
     with gr.Row():
-        show_all = gr.Checkbox(shared_history_default(), label="Show every saved run (CLI runs, other sessions)")
+        show_all = gr.Checkbox(visitor.shared_history_default(), label="Show every saved run (CLI runs, other sessions)")
         refresh = gr.Button("Refresh", size="sm", scale=0, elem_id="bl-history-refresh")
     listing = gr.Dataframe(label="Saved runs (newest first)", interactive=False, elem_id="bl-history-list")
     with gr.Row():
@@ -177,11 +157,11 @@ def build_tab(session: gr.State) -> tuple[list, list]:
     with gr.Accordion("Open a results.json from elsewhere (e.g. a CLI run on another machine)", open=False):
         upload = gr.File(label="results.json", file_types=[".json"], height=140)
     status = gr.Markdown(elem_id="bl-history-status")
-    empty = handlers.empty_plots()
+    empty = common.empty_plots()
     with gr.Row(equal_height=True):
         loss = gr.Plot(empty["loss"], label="Training loss", show_label=False)
         metric = gr.Plot(empty["metric"], label="Evaluation metric", show_label=False)
-    view = gr.Radio(list(handlers.MD_VIEWS), value=list(handlers.MD_VIEWS)[0], label="ΔM / ΔD view")
+    view = gr.Radio(list(common.MD_VIEWS), value=list(common.MD_VIEWS)[0], label="ΔM / ΔD view")
     md = gr.Plot(empty["md"], label="Magnitude and direction changes", show_label=False)
     scatter = gr.Plot(empty["scatter"], label="DoRA figure 2", show_label=False)
     table = gr.Dataframe(empty["table"], label="Results", interactive=False, wrap=False,

@@ -1,15 +1,14 @@
-"""Widgets <-> ``RunConfig``, and trainer events -> figure and table updates.
+"""The Compare form: widgets <-> ``RunConfig`` and method options, task suggestions.
 
 Every widget of the Compare tab is keyed by a ``RunConfig`` field name (``"steps"``, ``"ranks"``),
 or by ``"<method>.<option>"`` for an option of a method's config dataclass (``"dora.detach_norm"``).
 Types come from the dataclasses themselves, so a new ``RunConfig`` field or a new method option needs
 no parsing code here. Nothing here imports torch itself (the method registry does, to register the
-methods) and the trainer is reached only through ``bora_lab.ui.live``.
+methods) and the engine is reached only through ``bora_lab.ui.tab_compare``.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import re
 from typing import Any
@@ -142,6 +141,15 @@ def _number(value: Any, name: str, integer: bool) -> int | float:
     return x
 
 
+def _bounded_int(digits: str, name: str, item: str) -> int:
+    """``int(digits)``, refused above the field's ``max`` (``RunConfig`` metadata; 10,000 otherwise)."""
+    field = RunConfig.__dataclass_fields__.get(name)
+    hi = (field.metadata.get("max") if field is not None else None) or 10_000
+    if len(digits) > len(str(hi)) or int(digits) > hi:
+        raise ValueError(f"{_pretty(name).capitalize()}: {item!r} goes past {hi:,}, the largest allowed.")
+    return int(digits)
+
+
 def _int_list(value: Any, name: str) -> list[int]:
     """``["4", "8"]``, ``"4, 8"``, ``"0-3"`` or ``[4, 8]`` -> unique ints in the order given."""
     items = value if isinstance(value, (list, tuple)) else re.split(r"[,\s]+", str(value or "").strip())
@@ -151,10 +159,11 @@ def _int_list(value: Any, name: str) -> list[int]:
             continue
         span = re.fullmatch(r"(\d+)\s*-\s*(\d+)", item)
         if span:
-            lo, hi = int(span.group(1)), int(span.group(2))
-            out.extend(range(min(lo, hi), max(lo, hi) + 1))
+            lo, hi = sorted((_bounded_int(span.group(1), name, item), _bounded_int(span.group(2), name, item)))
+            # bounded before expanding: "0-999999999" must not build a list
+            out.extend(range(lo, hi + 1))
         elif re.fullmatch(r"\d+", item):
-            out.append(int(item))
+            out.append(_bounded_int(item, name, item))
         else:
             raise ValueError(f"{_pretty(name).capitalize()}: {item!r} is not a whole number.")
     return list(dict.fromkeys(out))
@@ -240,113 +249,6 @@ def config_from_ui(**values: Any) -> RunConfig:
     except ValueError as err:
         msg = err.for_people() if isinstance(err, SettingError) else str(err)
         raise ValueError(msg[:1].upper() + msg[1:] + ("" if msg.endswith(".") else ".")) from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Trainer events -> updates
-# ---------------------------------------------------------------------------------------------
-PLOTS = ("loss", "metric", "md", "scatter", "table")  # outputs drawn from the results dict
-MD_VIEWS = {"from the start (t vs 0)": "from_start", "step to step (t vs t-1)": "step_to_step"}
-# Which outputs an event makes stale (event ``kind`` -> plot names). A step does not redraw the
-# table (Gradio's table payload is the costliest output); analysis snapshots and evals, which come
-# every few steps, do.
-_STALE: dict[str, set[str]] = {
-    "run_started": {"table"},
-    "step": {"loss"},
-    "eval": {"metric", "table"},
-    "analysis": {"md", "scatter", "table"},
-    "run_finished": set(PLOTS),
-    "error": {"table"},
-    "comparison_done": set(PLOTS),
-}
-
-
-def stale_plots(events) -> set[str]:
-    """The plot outputs that ``events`` change (progress and cancel events change none)."""
-    out: set[str] = set()
-    for ev in events:
-        out |= _STALE.get(ev.kind, set())
-    return out
-
-
-def table_frame(results: dict[str, Any]):
-    """The results table as a ``pandas.DataFrame`` (one row per run; only the headers before any run)."""
-    import pandas as pd
-
-    from bora_lab.figures import runs as figures
-
-    rows = figures.results_table(results)
-    if rows:
-        return pd.DataFrame(rows)
-    from bora_lab.record import new_run_entry
-
-    headers = figures.results_table({**results, "runs": [new_run_entry("lora-r8", "lora", 8)]})[0]
-    return pd.DataFrame(columns=list(headers))
-
-
-@functools.lru_cache(maxsize=1)
-def empty_plots() -> dict[str, Any]:
-    """What the plots and the table show before any data (titles, "no data yet"); built once, never
-    mutated (Gradio only serialises them), so every visitor can share them."""
-    return render_plots({"runs": [], "task": {}}, PLOTS)
-
-
-def render_plots(results: dict[str, Any], names, md_view: str = "from_start") -> dict[str, Any]:
-    """Build the figures/table named in ``names`` from a results dict (same structure as results.json).
-
-    Args:
-        results: the accumulated results (``ResultsAccumulator``) or a loaded ``results.json``.
-        names: subset of :data:`PLOTS` to build.
-        md_view: ``"from_start"`` or ``"step_to_step"`` for the magnitude/direction small multiples.
-
-    Returns:
-        ``{name: plotly Figure or DataFrame}`` for each requested name.
-    """
-    from bora_lab.figures import runs as figures
-
-    builders = {
-        "loss": lambda: figures.loss_figure(results),
-        "metric": lambda: figures.metric_figure(results),
-        "md": lambda: figures.md_figure(results, view=md_view),
-        "scatter": lambda: figures.dora_scatter_figure(results),
-        "table": lambda: table_frame(results),
-    }
-    return {name: builders[name]() for name in PLOTS if name in names}
-
-
-def fmt_duration(seconds: float | None) -> str:
-    """``75.2 -> "1:15"``, ``3725 -> "1:02:05"``; ``"?"`` when unknown."""
-    if seconds is None or not math.isfinite(seconds) or seconds < 0:
-        return "?"
-    s = int(round(seconds))
-    h, m, s = s // 3600, s // 60 % 60, s % 60
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-def progress_html(done: int, total: int, elapsed_s: float = 0.0, eta_s: float | None = None,
-                  state: str = "running") -> str:
-    """A progress bar with steps, elapsed time and ETA (``state``: running, done, stopped, error)."""
-    frac = 0.0 if total <= 0 else min(1.0, max(0.0, done / total))
-    label = {"running": f"about {fmt_duration(eta_s)} left", "done": "finished",
-             "stopped": "stopped", "error": "stopped by an error", "idle": "ready"}.get(state, state)
-    return (
-        f'<div class="bl-progress" data-state="{state}" role="progressbar" aria-valuenow="{done}" '
-        f'aria-valuemax="{total}"><div class="bl-progress-bar" style="width:{100 * frac:.1f}%"></div></div>'
-        f'<div class="bl-progress-text">{done} / {total} steps ({100 * frac:.0f}%) · '
-        f"{fmt_duration(elapsed_s)} elapsed · {label}</div>"
-    )
-
-
-def error_message(err: BaseException, device: str = "") -> str:
-    """One line for people from any exception the trainer raises (never a traceback)."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if type(err).__name__ == "OutOfMemoryError" or "out of memory" in text.lower():
-        where = f" on {device}" if device else ""
-        return (f"Out of memory{where}: try a smaller batch size, a smaller rank, fewer layers "
-                "(advanced settings) or fewer methods at once.")
-    if isinstance(err, (ValueError, KeyError, FileNotFoundError, LookupError, TypeError)):
-        return (text[:1].upper() + text[1:])[:400]
-    return f"{type(err).__name__}: {text}"[:400]
 
 
 def field_type(name: str) -> str:
