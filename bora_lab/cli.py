@@ -10,8 +10,9 @@
 The ``compare`` flags are generated from ``RunConfig``'s fields. Flags left out take the ``--config``
 file's values, then the task's suggested values (``tasks.task_defaults``), then ``RunConfig``'s.
 Bad input exits with status 2 and one line on stderr; a failed run (NaN loss, out of memory, bad
-rank) exits with status 1 after the others finish; Ctrl-C cancels, saves what was computed and
-exits with 130 (press it twice to abort at once).
+rank, a diverging loss) exits with status 1 after the others finish; Ctrl-C or SIGTERM cancels at the
+next step, saves what was computed and exits with 130; a second one stops at once and still saves
+(status "interrupted"). The folder is also flushed every 20 s, so even a crash leaves a partial run.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from typing import Any
 from .config import RunConfig, default_of, settings
 
 EXIT_OK, EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 130
+CHECKPOINT_S = 20.0  # flush a running comparison to its folder this often
 
 
 class _Parser(argparse.ArgumentParser):
@@ -298,13 +300,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out = args.out or default_out_dir()
     cancel = threading.Event()
 
-    def on_sigint(signum, frame):  # first Ctrl-C: cancel between steps; second: abort
+    def on_signal(signum, frame):  # first Ctrl-C or SIGTERM: cancel between steps; second: stop now
+        if cancel.is_set():
+            raise KeyboardInterrupt
         cancel.set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     bar = Progress(enabled=not args.quiet)
-    acc, weights, failed = ResultsAccumulator(cfg), {}, []
+    acc, weights, failed, last_flush = ResultsAccumulator(cfg), {}, [], time.monotonic()
     try:
         for ev in compare(cfg, cancel):
             acc.update(ev)
@@ -312,6 +315,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 bar.line(f"training {len(cfg.run_ids())} run(s) on {ev.device}: {_threads_text(acc.results)}")
             elif ev.kind == "progress":
                 bar.update(ev.done_steps, ev.total_steps, ev.eta_s)
+                if time.monotonic() - last_flush >= CHECKPOINT_S:  # a crash leaves a readable partial run
+                    save_results(acc.results, out, layers=acc.layers)
+                    last_flush = time.monotonic()
             elif ev.kind == "error":
                 failed.append(ev.run_id)
                 bar.line(f"error: {ev.run_id}: {ev.message}")
@@ -319,8 +325,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 bar.line(f"cancelled: {ev.message}")
             elif ev.kind == "comparison_done":
                 weights = ev.weights
+    except KeyboardInterrupt:  # the second signal: stop at once, but keep what was computed
+        acc.results["status"], acc.results["message"] = "interrupted", "stopped by a second Ctrl-C or SIGTERM"
+        bar.line("interrupted: saving the steps so far")
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         bar.close()
     results = acc.results
     save_results(results, out, weights=weights, layers=acc.layers,

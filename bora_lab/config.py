@@ -8,6 +8,7 @@ line. Bounds are checked in ``__post_init__``: a bad value raises ``ValueError``
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from typing import Any
 
@@ -18,8 +19,9 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 def setting(default: Any, label: str, help: str, group: str | None = MORE, *, min: float | None = None,
-            above: float | None = None, max: float | None = None, choices: tuple | None = None, flag: str | None = None,
-            cli_help: str | None = None, factory: Any = None) -> Field:
+            above: float | None = None, max: float | None = None, limit: str | None = None,
+            choices: tuple | None = None, flag: str | None = None, cli_help: str | None = None,
+            factory: Any = None) -> Field:
     """A ``RunConfig`` field with its one description.
 
     Args:
@@ -29,11 +31,12 @@ def setting(default: Any, label: str, help: str, group: str | None = MORE, *, mi
         group: the app's group (``GROUPS``); ``None`` keeps the field out of the app's form.
         min, max: inclusive bounds of a number, or of each item of a list of numbers.
         above: an exclusive lower bound (the value must be greater).
+        limit: the name of an operator limit (``bora_lab.limits``) that may lower ``max``.
         choices: the allowed values.
         flag: the CLI flag when not ``--<name with dashes>``; ``""`` for no flag.
         cli_help: the CLI's help when it differs from ``help`` (e.g. "comma-separated").
     """
-    meta = {"label": label, "help": help, "group": group, "min": min, "above": above, "max": max, "choices": choices,
+    meta = {"label": label, "help": help, "group": group, "min": min, "above": above, "max": max, "limit": limit, "choices": choices,
             "flag": flag, "cli_help": cli_help}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
@@ -56,11 +59,11 @@ class RunConfig:
     # 2e-3 already stalls DoRA/BoRA at batch size 8 on fine_foods
     lr: float = setting(1e-3, "Learning rate", "AdamW peak learning rate", MAIN, above=0, max=1e6)
     # defaults sized so lora,dora,bora x 150 steps on MiniLM take < 3 min on 2 CPU cores
-    steps: int = setting(150, "Steps", "optimizer steps per run", MAIN, min=1, max=100_000)
-    batch_size: int = setting(8, "Batch size", "examples per step", MAIN, min=1, max=1024)
+    steps: int = setting(150, "Steps", "optimizer steps per run", MAIN, min=1, max=100_000, limit="steps")
+    batch_size: int = setting(8, "Batch size", "examples per step", MAIN, min=1, max=1024, limit="batch_size")
     seed: int = setting(0, "Seed", "same seed, initial head and batch order for every run", MAIN, min=0, max=2**32 - 1)
     # fine_foods reviews: median 69 tokens; 48 gains ~1% accuracy and costs 20% time
-    max_length: int = setting(40, "Max tokens", "tokens per example", TRAINING, min=1, max=8192)
+    max_length: int = setting(40, "Max tokens", "tokens per example", TRAINING, min=1, max=8192, limit="max_length")
     num_layers: int | None = setting(None, "Layers kept", "keep only the first N transformer layers (fewer = faster "
                                      "demo); empty or 0 = all", TRAINING, min=1, max=1000)
     train_samples: int = setting(0, "Training examples", "cap on training examples; 0 = all", TRAINING,
@@ -72,7 +75,8 @@ class RunConfig:
     eval_every: int = setting(50, "Evaluate every", "steps between evaluations (and at the end)", TRAINING,
                               min=1, max=100_000)
     eval_samples: int = setting(200, "Eval examples", "test examples per evaluation, a fixed seeded subset; "
-                                "0 = the whole test split", TRAINING, min=0, max=1_000_000)
+                                "0 = the whole test split", TRAINING, min=0, max=1_000_000,
+                                limit="eval_samples")
     lockstep: bool = setting(True, "Lockstep", "advance all runs one step at a time, so curves grow together",
                              TRAINING, flag="", cli_help="")
     device: str = setting("auto", "Device", "auto = cuda, then mps, then cpu", TRAINING, choices=DEVICES)
@@ -107,7 +111,24 @@ class RunConfig:
             raise ValueError(f"ranks must be positive integers, got {self.ranks}")
         for f in fields(self):
             check_value(f, getattr(self, f.name))
+        self._check_budget()
 
+    def _check_budget(self) -> None:
+        """Bounds across fields: runs per comparison, snapshots per run, threads per machine."""
+        from . import limits
+
+        most = limits.limit("runs")
+        if len(self.methods) * len(self.ranks) > most and len(self.run_specs()) > most:
+            raise SettingError("methods", f"x ranks make {len(self.run_specs())} runs; at most {most} per comparison")
+        snaps, most = self.steps // self.analyze_every, limits.limit("snapshots")
+        if snaps > most:
+            raise SettingError("analyze_every", f"{self.analyze_every} with {self.steps:,} steps means {snaps:,} "
+                               f"ΔM/ΔD snapshots per run; at most {most:,}: analyse every "
+                               f"{-(-self.steps // most)} steps or more")
+        cores = os.cpu_count() or 1
+        if self.num_threads > cores:
+            raise SettingError("num_threads", f"must be <= {cores} (the cores of this machine; 0 = auto), "
+                               f"got {self.num_threads}")
     def run_specs(self) -> list[tuple[str, str, int]]:
         """``(run_id, method, rank)`` for every run, methods outer, ranks inner.
 
@@ -163,19 +184,30 @@ def check_value(f: Field, value: Any) -> None:
     if meta.get("choices") and value not in meta["choices"]:
         raise SettingError(name, f"must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
     lo, above, hi = meta.get("min"), meta.get("above"), meta.get("max")
+    if meta.get("limit"):
+        from .limits import limit
+
+        hi = min(hi, limit(meta["limit"])) if hi is not None else limit(meta["limit"])
     if lo is None and above is None and hi is None:
         return
     for v in value if isinstance(value, list) else [value]:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise SettingError(name, f"must be a number, got {v!r}")
-        if not math.isfinite(v):
+        if isinstance(v, float) and not math.isfinite(v):
             raise SettingError(name, f"must be a finite number, got {v}")
         if lo is not None and v < lo:
-            raise SettingError(name, f"must be >= {lo}, got {v}")
+            raise SettingError(name, f"must be >= {lo}, got {_shown(v)}")
         if above is not None and v <= above:
-            raise SettingError(name, f"must be > {above}, got {v}")
+            raise SettingError(name, f"must be > {above}, got {_shown(v)}")
         if hi is not None and v > hi:
-            raise SettingError(name, f"must be <= {hi:,}, got {v:,}")
+            raise SettingError(name, f"must be <= {hi:,}, got {_shown(v)}")
+
+
+def _shown(v: float) -> str:
+    """A number for a message: ``1,000,000``, or ``a 4,000-digit number`` (never a page of digits)."""
+    if isinstance(v, int) and abs(v) >= 10**30:
+        return f"a {int(abs(v).bit_length() * 0.30103) + 1:,}-digit number"
+    return f"{v:,}" if isinstance(v, int) else f"{v:g}"
 
 
 def settings(group: str | None = "any") -> list[Field]:

@@ -2,7 +2,7 @@
 
 Layers, bottom to top (a module may import its own package and any lower layer):
 
-    0  data                              the shipped offline data
+    0  data, limits                      the shipped offline data; operator limits (environment)
     1  analysis, methods                 the math: ΔM/ΔD, the adapter registry
     2  config                            RunConfig (its run order asks the registry which methods take a rank)
     3  record                            torch-free: events, the accumulator, tables, files, schema
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "bora_lab"
-LAYERS = {"data": 0, "analysis": 1, "methods": 1, "config": 2, "record": 3, "engine": 4, "figures": 5,
+LAYERS = {"data": 0, "limits": 0, "analysis": 1, "methods": 1, "config": 2, "record": 3, "engine": 4, "figures": 5,
           "teach": 5, "ui": 6, "api": 6, "cli": 7, "__main__": 8, "__init__": 0}
 
 

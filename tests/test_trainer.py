@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import threading
 from dataclasses import dataclass, field
 
@@ -244,9 +245,17 @@ def test_nan_stops_that_run_only(trap):
 
 
 def test_huge_learning_rate_is_reported(trap):
-    results = run(synthetic(lr=1e6, steps=5))
+    results = run(synthetic(lr=1e6, steps=5))  # finite but astronomically large losses: diverged, not NaN
     for r in results["runs"]:
-        assert r["status"] == "nan" and "try a smaller learning rate" in r["error"]
+        assert r["status"] == "diverged" and "try a smaller learning rate" in r["error"], r["error"]
+
+
+def test_divergence_short_of_nan_is_flagged():
+    """lr 1e3 on fine_foods keeps the loss finite (~5e4, from 0.69): the run must not end as "done"."""
+    results = run(tiny(methods=["lora"], lr=1e3, steps=12, eval_every=12, analyze_every=12))
+    r = results["runs"][0]
+    assert r["status"] == "diverged" and "over the last 10 steps" in r["error"], r["error"]
+    assert r["history"] and all(math.isfinite(h["loss"]) for h in r["history"])
 
 
 def test_oom_and_bad_rank_are_run_errors(trap):

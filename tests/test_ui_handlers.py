@@ -108,7 +108,7 @@ def traces_named(fig: go.Figure) -> set[str]:
 # --------------------------------------------------------------------------- widgets <-> RunConfig
 @pytest.mark.parametrize("cfg", [
     RunConfig(),
-    RunConfig(model="roberta-base", task="glue/sst2", methods=["dora", "bora"], ranks=[16, 4], alpha=8.0, lr=3e-4,
+    RunConfig(model="roberta-base", task="stanfordnlp/imdb", methods=["dora", "bora"], ranks=[16, 4], alpha=8.0, lr=3e-4,
               steps=7, batch_size=3, seed=5, num_layers=2, analysis_layers=[0, 1], analysis_module="value",
               target_modules=["query", "value"], device="cpu", lockstep=False, text_column="sentence",
               method_options={"dora": {"detach_norm": False}, "bora": {"eps": 1e-5}}),
@@ -212,7 +212,7 @@ def test_run_streams_live_plots_of_every_run_and_saves_them():
     assert len(outs) >= 3  # a first frame, live redraws, the final frame
     status, progress, loss, metric, md, scatter, table = outs[-1]
     runs = set(cfg.run_ids())
-    assert "Done" in status and "Saved to" in status and "18 / 18 steps" in progress
+    assert "Done" in status and "Saved as `" in status and str(visitor.runs_dir()) not in status and "18 / 18 steps" in progress
     assert runs <= {n.split(" ")[0] for n in traces_named(loss)}
     assert isinstance(md, go.Figure) and isinstance(scatter, go.Figure) and isinstance(metric, go.Figure)
     assert list(table["run"]) == cfg.run_ids()
@@ -271,7 +271,7 @@ def test_stop_keeps_and_saves_partial_results():
         time.sleep(0.01)
     status, progress, loss, *_, table = tab_compare.stop_comparison(session)
     consumer.join(10)
-    assert "Stopped" in status and "kept" in status and "Saved to" in status
+    assert "Stopped" in status and "kept" in status and "Saved as `" in status and str(visitor.runs_dir()) not in status
     assert set(table["status"]) == {"cancelled"}
     saved = load_results(session.run_dirs[-1])
     steps = len(saved["runs"][0]["history"])

@@ -4,8 +4,8 @@ The trainer runs one loop for every method and every task. A :class:`Pipeline` h
 
 * ``pristine()``: the base model (pretrained, head seeded), built once; every run deep-copies it,
   so all runs start from the same weights and the same head.
-* ``train_batches``: one batch per optimizer step, built (and tokenised) once and shared, so every
-  run sees the same batches in the same order.
+* ``train_batches``: one batch per optimizer step: the examples are tokenised once and shared, the
+  batches collated when iterated, so every run sees the same batches in the same order.
 * ``loss(model, batch)`` and ``evaluate(model)``.
 
 :class:`TextPipeline` serves classification, regression and causal-LM tasks on ``transformers``
@@ -28,7 +28,7 @@ class Pipeline(ABC):
     """Base class; see the module docstring."""
 
     task: Task
-    train_batches: list[dict[str, Tensor]]
+    train_batches: Any  # a sequence of batches (dicts of tensors), one per step
     # torch intra-op threads while training (None: leave as is). Tiny models run much faster on one
     # thread: thread hand-offs cost more than their matmuls, worse still on a shared CPU.
     num_threads: int | None = None
@@ -66,6 +66,22 @@ def batch_order(n: int, steps: int, batch_size: int, seed: int) -> np.ndarray:
     return order.reshape(steps, batch_size)
 
 
+class LazyBatches:
+    """The training batches, collated when iterated (not all ``steps`` of them up front)."""
+
+    def __init__(self, order: np.ndarray, collate: Any):
+        self.order, self.collate = order, collate
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return self.collate(self.order[i])
+
+    def __iter__(self):
+        return (self.collate(row) for row in self.order)
+
+
 class TextPipeline(Pipeline):
     """Classification, regression or causal LM on a ``transformers`` model (see ``models.load_model``)."""
 
@@ -76,6 +92,10 @@ class TextPipeline(Pipeline):
         kind = task.kind
         self.loaded = load_model(cfg.model, kind, num_labels=task.num_labels if kind == "classification" else None,
                                  num_layers=cfg.num_layers, seed=cfg.seed)
+        positions = getattr(self.loaded.model.config, "max_position_embeddings", None)
+        if isinstance(positions, int) and cfg.max_length > positions:
+            raise ValueError(f"max_length {cfg.max_length} is more than the {positions} positions {cfg.model!r} "
+                             f"has: choose max_length <= {positions}")
         self.tokenizer = self.loaded.tokenizer
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         train = task.train
@@ -86,7 +106,7 @@ class TextPipeline(Pipeline):
         needed = np.unique(order)
         encoded = self._encode(train.select(needed.tolist()))
         pos = {int(i): k for k, i in enumerate(needed)}
-        self.train_batches = [self._collate([encoded[pos[int(i)]] for i in row]) for row in order]
+        self.train_batches = LazyBatches(order, lambda row: self._collate([encoded[pos[int(i)]] for i in row]))
         self._build_eval(task.test)
 
     # -- data ------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ registry (``methods.apply``) and from two optional module hooks, looked up with 
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import gc
@@ -32,13 +33,21 @@ _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
 # A loss above DIVERGENCE_FACTOR * max(1, first loss) counts as diverged (Adam bounds each update by
 # ~lr, so a huge lr gives finite but meaningless losses rather than NaN).
 DIVERGENCE_FACTOR = 1e6
+# ... and so does a run whose mean loss over the last DIVERGED_WINDOW steps is above
+# DIVERGED_MEAN_FACTOR * max(1, first loss): with lr 1e3 on fine_foods the loss sits at ~5e4 (from
+# 0.69) without ever becoming NaN.
+DIVERGED_WINDOW, DIVERGED_MEAN_FACTOR = 10, 100.0
 # Layer checkpoints (W0, ΔW in float16) of one run stay under this many bytes: with more analysed
 # modules than fit, an evenly spaced subset of them is checkpointed.
 LAYER_CHECKPOINT_BYTES = 64 * 2**20
 
 
 class NonFiniteLoss(ArithmeticError):
-    """The training loss became NaN or infinite, or diverged (see ``DIVERGENCE_FACTOR``)."""
+    """The training loss became NaN or infinite."""
+
+
+class Diverged(NonFiniteLoss):
+    """The training loss stayed finite but grew far above its start (see ``DIVERGED_MEAN_FACTOR``)."""
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -139,6 +148,8 @@ def _is_oom(err: BaseException) -> bool:
 def describe_error(err: BaseException, step: int | None = None) -> tuple[str, str]:
     """(one-line message, status) for a failed run."""
     where = f" at step {step}" if step else ""
+    if isinstance(err, Diverged):
+        return str(err), "diverged"
     if isinstance(err, NonFiniteLoss):
         return str(err), "nan"
     if _is_oom(err):
@@ -189,6 +200,7 @@ class RunState:
         self.counts = methods.trainable_summary(model)
         self.targets = list(getattr(model, "bora_lab_config", {}).get("target_modules", []))
         self.first_loss: float | None = None
+        self.recent_losses: collections.deque[float] = collections.deque(maxlen=DIVERGED_WINDOW)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(cfg.seed)  # every run gets the same dropout stream, in any schedule
             self._rng = self._get_rng()
@@ -227,9 +239,14 @@ class RunState:
             if not math.isfinite(value):
                 raise NonFiniteLoss(f"loss became {'NaN' if math.isnan(value) else 'infinite'} at step {step} "
                                     f"(lr={lr:.3g}): try a smaller learning rate")
-            if value > DIVERGENCE_FACTOR * max(1.0, self.first_loss):
-                raise NonFiniteLoss(f"loss diverged to {value:.3g} at step {step} (from {self.first_loss:.3g}; "
-                                    f"lr={lr:.3g}): try a smaller learning rate")
+            self.recent_losses.append(value)
+            recent = sum(self.recent_losses) / len(self.recent_losses)
+            if value > DIVERGENCE_FACTOR * max(1.0, self.first_loss) or (
+                    len(self.recent_losses) == DIVERGED_WINDOW
+                    and recent > DIVERGED_MEAN_FACTOR * max(1.0, self.first_loss)):
+                raise Diverged(f"loss diverged: {recent:.3g} over the last {len(self.recent_losses)} steps at step "
+                               f"{step}, from {self.first_loss:.3g} at the start (lr={lr:.3g}): try a smaller "
+                               "learning rate")
             total.backward()
             if self.cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)

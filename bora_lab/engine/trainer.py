@@ -56,7 +56,7 @@ from ..record import ResultsAccumulator, save_results
 from .runstate import PEAK_MEM_KIND, NonFiniteLoss, RunState, describe_error, pick_device, select_analysed
 from .synthetic import SyntheticPipeline
 from .threads import choose_threads
-from .tasks import Task, load_task
+from .tasks import TASKS, Task, load_task
 
 _TICK = object()  # a run generator yields this after each optimizer step
 
@@ -89,6 +89,9 @@ def validate(cfg: RunConfig) -> None:
         methods.registry.make_config(m, rank=cfg.ranks[0], alpha=cfg.alpha, **opts)
     if len(set(cfg.run_ids())) != len(cfg.run_ids()):
         raise ValueError(f"duplicate runs in methods {cfg.methods} x ranks {cfg.ranks}")
+    if (cfg.text_column or cfg.label_column) and cfg.task in TASKS:
+        raise ValueError(f"text_column and label_column apply to a datasets id; task {cfg.task!r} is built in "
+                         "(leave them empty)")
 
 
 def make_pipeline(cfg: RunConfig, task: Task) -> Pipeline:

@@ -16,7 +16,7 @@ from .layer_store import LayerStore
 
 SCHEMA_VERSION = 1
 FINAL_LOSS_WINDOW = 10  # "final loss" = mean training loss of the last 10 steps (single steps are noisy)
-STATUSES = ("pending", "running", "done", "nan", "oom", "error", "cancelled")
+STATUSES = ("pending", "running", "done", "nan", "diverged", "oom", "error", "cancelled", "interrupted")
 
 
 def _get(event: Any, key: str, default: Any = None) -> Any:

@@ -118,7 +118,7 @@ class RunError(Event):
     run_id: str
     message: str  # one line, for people (e.g. "loss became NaN at step 12; try a smaller learning rate")
     kind: str = field(init=False, default="error")
-    status: str = "error"  # "nan" (non-finite loss), "oom" (out of memory) or "error" (bad input, other)
+    status: str = "error"  # "nan" (non-finite loss), "diverged", "oom" (out of memory) or "error" (bad input, other)
 
 
 @dataclass

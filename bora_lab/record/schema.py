@@ -20,7 +20,8 @@ RUN_SCHEMA = {
         "run_id": {"type": "string"},
         "method": {"type": "string"},
         "rank": {"type": "integer"},
-        "status": {"enum": ["pending", "running", "done", "nan", "oom", "error", "cancelled"]},
+        "status": {"enum": ["pending", "running", "done", "nan", "diverged", "oom", "error", "cancelled",
+                            "interrupted"]},
         "error": {"type": ["string", "null"]},
         "trainable_params": _INT,
         "total_params": _INT,
@@ -57,7 +58,7 @@ RESULTS_SCHEMA = {
     "properties": {
         "schema_version": {"const": 1},
         "created": {"type": "string"},
-        "status": {"enum": ["running", "done", "cancelled"]},
+        "status": {"enum": ["running", "done", "cancelled", "interrupted", "error"]},
         "message": {"type": ["string", "null"]},
         "config": {"type": "object", "required": ["task", "model", "methods", "ranks", "steps", "seed"]},
         "task": {"type": "object"},

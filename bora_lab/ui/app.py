@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
+import threading
 from typing import Any
 
 import gradio as gr
 
 from bora_lab.config import RunConfig
+from bora_lab.limits import limit
 
 from . import tab_cards, tab_compare, tab_history, tab_inside, tab_lessons, tab_memory, visitor
 
@@ -47,6 +51,7 @@ def build_demo(defaults: RunConfig | None = None) -> gr.Blocks:
     base = defaults or default_config()
     with gr.Blocks(title=TITLE) as demo:
         session = gr.State(visitor.Session(), delete_callback=visitor.Session.close)
+        token = gr.BrowserState(None, storage_key="bora_lab_visitor")
         gr.Markdown(
             f"# {TITLE}\nCompare parameter-efficient fine-tuning methods side by side on a real model: "
             "loss, accuracy, and how each method moves the weights' **magnitude** and **direction**, "
@@ -54,7 +59,7 @@ def build_demo(defaults: RunConfig | None = None) -> gr.Blocks:
             elem_id="bl-header",
         )
         with gr.Tabs():
-            widgets = tab_compare.build_compare_tab(session, base)
+            widgets = tab_compare.build_compare_tab(session, base, token, demo)
             with gr.Tab("History", id="history") as history_tab:
                 list_inputs, list_outputs = tab_history.build_tab(session)
             tab_lessons.build_lessons_tab(widgets)  # teaching views: presets fill the Compare tab
@@ -62,6 +67,8 @@ def build_demo(defaults: RunConfig | None = None) -> gr.Blocks:
             tab_cards.build_cards_tab()
             tab_memory.build_memory_tab(session)
         history_tab.select(tab_history.list_runs, list_inputs, list_outputs, concurrency_limit=None)
+    for fn in demo.fns.values():  # the app's events serve its own page; none is a public API endpoint
+        fn.api_visibility = "private"
     # Training is limited to one at a time across all visitors by its own concurrency_limit=1 (Gradio's
     # default_concurrency_limit is also 1); calling demo.queue() again would only rebuild the server app.
     return demo
@@ -70,10 +77,20 @@ def build_demo(defaults: RunConfig | None = None) -> gr.Blocks:
 def launch(demo: gr.Blocks, **kwargs: Any):
     """``demo.launch`` with BoRA Lab's theme and CSS (Gradio 6 takes them here, not in ``Blocks``).
 
-    Runs under ``$BORA_LAB_RUNS`` are served for download; ``GRADIO_SERVER_NAME``/``GRADIO_SERVER_PORT``
-    choose the address as usual.
+    The runs folder is never served as files (downloads are copies in a temporary bundle); uploads
+    are capped at ``BORA_LAB_MAX_UPLOAD_MB``. On SIGTERM (a Space restarting) every running
+    comparison is stopped and saved, marked "interrupted", before the server closes.
+    ``GRADIO_SERVER_NAME``/``GRADIO_SERVER_PORT`` choose the address as usual.
     """
     kwargs.setdefault("theme", THEME)
     kwargs.setdefault("css", CSS)
-    kwargs.setdefault("allowed_paths", [str(visitor.runs_dir().resolve())])
+    kwargs.setdefault("max_file_size", f"{limit('upload_mb')}mb")
+
+    def on_sigterm(signum, frame):
+        visitor.shutdown()
+        demo.close()
+        sys.exit(0)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)
     return demo.launch(**kwargs)

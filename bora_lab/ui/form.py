@@ -212,6 +212,27 @@ def _method_options(methods: list[str], values: dict[str, Any]) -> dict[str, dic
     return out
 
 
+def _refuse_server_path(name: str, value: str) -> None:
+    """The app takes ids, not the server's files: a path (or a name that exists on disk) is refused,
+    without saying whether it exists, unless the operator allows it (``BORA_LAB_ALLOW_LOCAL_PATHS=1``)."""
+    import os
+    from pathlib import Path
+
+    from bora_lab.limits import allow_local_paths
+
+    if allow_local_paths():
+        return
+    text = str(value)
+    looks_like_path = text.startswith(("/", "~", ".", "\\")) or ".." in text or "\\" in text or ":" in text
+    try:
+        exists = not looks_like_path and os.sep in text and Path(text).exists()
+    except OSError:
+        exists = True
+    if looks_like_path or exists:
+        raise ValueError(f"{_pretty(name).capitalize()}: enter a built-in name or a Hugging Face id (org/name); "
+                         "paths on the server are not accepted here.")
+
+
 def config_from_ui(**values: Any) -> RunConfig:
     """Build the ``RunConfig`` the widgets describe; missing keys keep ``RunConfig``'s defaults.
 
@@ -243,6 +264,15 @@ def config_from_ui(**values: Any) -> RunConfig:
         raise ValueError("Enter a model: 'minilm' works offline, or a Hugging Face id when online.")
     if "task" in kwargs and not kwargs["task"]:
         raise ValueError("Choose a task: 'fine_foods' works offline.")
+    for name in ("model", "task"):
+        if name in kwargs:
+            _refuse_server_path(name, kwargs[name])
+    if kwargs.get("text_column") or kwargs.get("label_column"):
+        from bora_lab.engine.tasks import TASKS
+
+        if kwargs.get("task") in TASKS:
+            raise ValueError(f"Text and label columns apply to a datasets id only; {kwargs['task']!r} is built in: "
+                             "clear them.")
     kwargs["method_options"] = _method_options(methods, values)
     try:
         return RunConfig(**kwargs)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import queue
+import re
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,7 +21,9 @@ from bora_lab.config import GROUPS, MAIN, RunConfig, settings
 from bora_lab.methods import registry
 
 from . import common, form
-from .visitor import END, Job, Session, default_compare, new_run_dir
+from .visitor import END, Job, Session, default_compare, job_of, new_run_dir, owner_id
+
+ALREADY_RUNNING = "A comparison is already running in this tab: press Stop first, or wait for it to finish."
 
 OUTPUTS = ("status", "progress") + common.PLOTS  # the order of the run handler's outputs
 MIN_INTERVAL_S = 1.0  # never redraw more often than this
@@ -57,7 +61,7 @@ def _widget(name: str, value: Any) -> gr.components.Component:
     if type_str == "bool":
         return gr.Checkbox(**kw)
     if type_str.startswith(("int", "float")):
-        return gr.Number(precision=0 if type_str.startswith("int") else None, minimum=0, **kw)
+        return gr.Number(precision=0 if type_str.startswith("int") else None, **kw)  # bounds: RunConfig
     return gr.Textbox(max_lines=1, **kw)
 
 
@@ -138,6 +142,7 @@ def _status(job: Job, state: str) -> str:
     p = job.progress
     failed = f" ({len(job.run_errors)} of {len(cfg.run_ids())} runs failed)" if job.run_errors else ""
     head = {
+        "waiting": f"**Waiting** for another visitor's comparison to finish (one trains at a time); then {runs}…",
         "loading": f"**Loading** `{cfg.model}` and `{cfg.task}` for {runs}…",
         "running": f"**Training** {runs} on `{cfg.task}` with `{cfg.model}` ({device}; {job.threads})",
         "done": f"**Done**{failed}: {runs} in {common.fmt_duration(time.monotonic() - job.started_at)}",
@@ -150,7 +155,7 @@ def _status(job: Job, state: str) -> str:
         lines.append(job.cancelled)
     lines += [f"⚠ {msg}" for msg in job.run_errors]
     if job.saved:
-        lines.append(f"Saved to `{job.out_dir}` (open it in the History tab).")
+        lines.append(f"Saved as `{job.out_dir.name}` (open it in the History tab).")
     elif job.save_error:
         lines.append(f"⚠ Could not save the results: {job.save_error}")
     return "  \n".join(lines)
@@ -166,7 +171,7 @@ def _progress(job: Job, state: str) -> str:
 
 def _state(job: Job) -> str:
     if job.running:
-        return "running" if job.progress is not None else "loading"
+        return "running" if job.progress is not None else ("waiting" if job.waiting else "loading")
     if job.error:
         return "error"
     return "stopped" if job.cancelled else "done"
@@ -193,11 +198,14 @@ def _timed_render(job: Job, names, md_view: str) -> tuple[tuple, float]:
     return out, cost
 
 
-def stream(job: Job, session: Session, poll_s: float = 0.2) -> Iterator[tuple]:
-    """Yield output tuples while ``job`` trains, redrawing only stale plots, then a final full one."""
+def stream(job: Job, session: Session, poll_s: float = 0.2, fresh: bool = True) -> Iterator[tuple]:
+    """Yield output tuples while ``job`` trains, redrawing only stale plots, then a final full one.
+
+    ``fresh`` starts from blank plots (a new Run); a reattached page starts from what is there.
+    """
     stale: set[str] = set()
     changed = False  # any event since the last frame (no event: nothing to redraw)
-    yield render(job, common.PLOTS, session.md_view, empty=True)  # clears the previous run's plots
+    yield render(job, common.PLOTS, session.md_view, empty=fresh)  # a new Run clears the previous plots
     last, interval = time.monotonic(), MIN_INTERVAL_S
     while True:
         try:
@@ -235,14 +243,43 @@ def run_comparison(session: Session, *values: Any, compare_fn: Callable | None =
     except ValueError as err:
         raise gr.Error(str(err), print_exception=False) from None
     if session.job is not None and session.job.running:
-        raise gr.Error("A comparison is already running in this tab: press Stop first.", print_exception=False)
-    job = Job(cfg, new_run_dir(cfg), compare_fn or default_compare).start()
+        raise gr.Error(ALREADY_RUNNING, print_exception=False)
+    job = Job(cfg, new_run_dir(cfg, owner=owner_id(session.token)), compare_fn or default_compare,
+              token=session.token).start()
     session.job = job
     session.run_dirs.append(job.out_dir)
-    try:
-        yield from stream(job, session)
-    finally:
-        job.cancel.set()  # closed early (Stop's `cancels=`, a closed tab): stop training; no-op when done
+    # A closed or reloaded page ends this generator but not the job: it trains on, saves, and the
+    # reloaded page reattaches to it (attach). Stop cancels it explicitly.
+    yield from stream(job, session)
+
+
+def warn_if_running(session: Session) -> None:
+    """The Run button's instant answer while a comparison runs (the Run itself waits in the queue)."""
+    if session.job is not None and session.job.running:
+        gr.Warning(ALREADY_RUNNING)
+
+
+def attach(session: Session, token: str | None):
+    """Page load: keep the visitor's browser token; a reloaded page finds its comparison again.
+
+    Yields ``(token, *OUTPUTS)``: the token (new if the browser had none) and, when the visitor
+    has a job in this process, its frames (streamed while it still trains).
+    """
+    if not (isinstance(token, str) and re.fullmatch(r"[A-Za-z0-9_-]{20,64}", token)):
+        token = secrets.token_urlsafe(24)
+    session.token = token
+    job = job_of(token)
+    if job is None:
+        yield (token,) + tuple(gr.skip() for _ in OUTPUTS)
+        return
+    session.job = job
+    if job.out_dir not in session.run_dirs:
+        session.run_dirs.append(job.out_dir)
+    if not job.running:
+        yield (token,) + render(job, common.PLOTS, session.md_view)
+        return
+    for frame in stream(job, session, fresh=False):
+        yield (token,) + frame
 
 
 def stop_comparison(session: Session) -> tuple:
@@ -266,8 +303,13 @@ def change_md_view(session: Session, label: str):
     return common.render_plots(session.job.results(), ("md",), session.md_view)["md"]
 
 
-def build_compare_tab(session: gr.State, base: RunConfig) -> dict[str, Any]:
-    """The Compare tab and its wiring; returns its widgets by input key (the Lessons tab fills them)."""
+def build_compare_tab(session: gr.State, base: RunConfig, token: gr.BrowserState | None = None,
+                      demo: gr.Blocks | None = None) -> dict[str, Any]:
+    """The Compare tab and its wiring; returns its widgets by input key (the Lessons tab fills them).
+
+    With ``token`` and ``demo``: on page load, the visitor's browser token is read (or made) and a
+    reloaded page reattaches to its running comparison.
+    """
     values = form.ui_values(base)
     with gr.Tab("Compare", id="compare"):
         with gr.Row(equal_height=False):
@@ -280,6 +322,7 @@ def build_compare_tab(session: gr.State, base: RunConfig) -> dict[str, Any]:
                 plots = _plots()
     inputs = [session] + [widgets[k] for k in form.input_keys()]
     outputs = [plots[k] for k in OUTPUTS]
+    run_btn.click(warn_if_running, [session], None, concurrency_limit=None, show_progress="hidden")
     run_evt = run_btn.click(run_comparison, inputs, outputs, concurrency_limit=1, concurrency_id="train",
                             show_progress="minimal", show_progress_on=[plots["status"]])
     stop_btn.click(stop_comparison, [session], outputs, cancels=[run_evt], concurrency_limit=None,
@@ -292,4 +335,6 @@ def build_compare_tab(session: gr.State, base: RunConfig) -> dict[str, Any]:
     widgets["task"].input(functools.partial(form.task_changed, base=base), widgets["task"],
                           [widgets[k] for k in form.task_default_keys()], concurrency_limit=None,
                           show_progress="hidden")
+    if token is not None and demo is not None:
+        demo.load(attach, [session, token], [token] + outputs, concurrency_limit=None, show_progress="hidden")
     return widgets

@@ -10,12 +10,15 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
+
+from bora_lab.limits import limit, private_runs
 
 from . import common, visitor
 
@@ -35,16 +38,19 @@ def describe(folder: Path) -> dict[str, Any]:
     row: dict[str, Any] = {"run folder": folder.name, "saved": time.strftime("%Y-%m-%d %H:%M", saved)}
     try:
         results = json.loads((folder / visitor.RESULTS_FILE).read_text())
-    except (OSError, ValueError) as err:
+        cfg = results.get("config", {})
+        state = results.get("status", "?")
+        if state == "running" and not visitor.is_active(folder):  # its process died or was stopped
+            state = "interrupted"
+        row.update({
+            "model": str(cfg.get("model", "?")),
+            "task": str(cfg.get("task", "?")),
+            "runs": ", ".join(str(run.get("run_id", "?")) for run in results.get("runs", [])),
+            "steps": str(cfg.get("steps", "?")),
+            "state": str(state),
+        })
+    except Exception as err:  # noqa: BLE001 - one bad file must not hide the others' list
         return {**row, "state": f"unreadable: {common.error_message(err)}"}
-    cfg = results.get("config", {})
-    row.update({
-        "model": cfg.get("model", "?"),
-        "task": cfg.get("task", "?"),
-        "runs": ", ".join(run.get("run_id", "?") for run in results.get("runs", [])),
-        "steps": cfg.get("steps", "?"),
-        "state": results.get("status", "?"),
-    })
     return row
 
 
@@ -75,28 +81,36 @@ def merge_results(results: list[dict[str, Any]], labels: list[str]) -> dict[str,
     return merged
 
 
-def _bundle(results: dict[str, Any], with_json: bool) -> list[Path]:
-    """Write the standalone HTML plots (and results.json + CSV when ``with_json``) to a temp folder."""
-    from bora_lab.figures import all_figures, report_html, save_html
+def _bundle_dir(session: visitor.Session) -> Path:
+    """A fresh temporary folder for this visitor's downloads; the previous one is removed."""
+    session.close()  # removes the last bundle
+    session.bundle_dir = Path(tempfile.mkdtemp(prefix="bora_lab_download_"))
+    return session.bundle_dir
+
+
+def downloads(session: visitor.Session, folders: list[Path], results: dict[str, Any]) -> list[str]:
+    """Files to download, copied into a temporary bundle (the runs folder itself is never served):
+    a run's own files (the HTML report added if missing), or for an overlay the merged files."""
+    from bora_lab.figures import report_html
     from bora_lab.record import save_results
 
-    out = Path(tempfile.mkdtemp(prefix="bora_lab_download_"))
-    if with_json:
-        save_results(results, out, figures_html=report_html(results))
-    else:
-        save_html(all_figures(results), out)
-    return [p for p in out.iterdir() if p.suffix in DOWNLOAD_SUFFIXES]
-
-
-def downloads(folders: list[Path], results: dict[str, Any]) -> list[str]:
-    """Files to download: a run's own files (HTML plots added if missing), or a bundle for an overlay."""
+    out = _bundle_dir(session)
     if len(folders) == 1:
-        files = [p for p in folders[0].iterdir() if p.suffix in DOWNLOAD_SUFFIXES]
-        if not any(p.suffix == ".html" for p in files):
-            files += _bundle(results, with_json=False)
+        for p in folders[0].iterdir():
+            if p.suffix in DOWNLOAD_SUFFIXES and p.is_file() and not p.is_symlink():
+                shutil.copyfile(p, out / p.name)
+        if not (out / "figures.html").exists():
+            (out / "figures.html").write_text(report_html(results), encoding="utf-8")
     else:
-        files = _bundle(results, with_json=True)
-    return sorted(str(p) for p in files)
+        save_results(results, out, figures_html=report_html(results))
+    return sorted(str(p) for p in out.iterdir() if p.suffix in DOWNLOAD_SUFFIXES)
+
+
+def _render(results: dict[str, Any], view_label: str) -> dict[str, Any]:
+    try:
+        return common.render_plots(results, common.PLOTS, common.MD_VIEWS.get(view_label, view_label))
+    except Exception as err:  # noqa: BLE001 - a results file of the right shape but wrong types
+        raise gr.Error(f"Could not draw this run: {common.error_message(err)}", print_exception=False) from None
 
 
 def open_runs(session: visitor.Session, show_all: bool, names: list[str], view_label: str):
@@ -114,23 +128,32 @@ def open_runs(session: visitor.Session, show_all: bool, names: list[str], view_l
         results = merge_results([_load(f) for f in folders], labels)
     except Exception as err:
         raise gr.Error(f"Could not open the run: {common.error_message(err)}", print_exception=False) from None
+    plots = _render(results, view_label)
     session.history_results = results
-    plots = common.render_plots(results, common.PLOTS, common.MD_VIEWS.get(view_label, view_label))
     status = f"Showing {', '.join(f'`{n}`' for n in names)}."
-    return (status, *(plots[n] for n in common.PLOTS), downloads(folders, results))
+    return (status, *(plots[n] for n in common.PLOTS), downloads(session, folders, results))
 
 
 def open_upload(session: visitor.Session, path: str | None, view_label: str):
     """Open a ``results.json`` uploaded from disk (a CLI run made elsewhere)."""
     if not path:
         return tuple(gr.skip() for _ in range(len(common.PLOTS) + 2))
+    upload = Path(path)
     try:
-        results = _load(Path(path))
+        most = limit("upload_mb")
+        if upload.stat().st_size > most * 2**20:
+            raise gr.Error(f"The upload is {upload.stat().st_size / 2**20:.1f} MB; at most {most} MB "
+                           "(BORA_LAB_MAX_UPLOAD_MB).", print_exception=False)
+        results = _load(upload)
+    except gr.Error:
+        raise
     except Exception as err:
         raise gr.Error(f"Not a BoRA Lab results.json: {common.error_message(err)}", print_exception=False) from None
+    finally:
+        upload.unlink(missing_ok=True)  # the server keeps no uploads
+    plots = _render(results, view_label)
     session.history_results = results
-    plots = common.render_plots(results, common.PLOTS, common.MD_VIEWS.get(view_label, view_label))
-    return (f"Showing the uploaded `{Path(path).name}`.", *(plots[n] for n in common.PLOTS), gr.skip())
+    return (f"Showing the uploaded `{upload.name}`.", *(plots[n] for n in common.PLOTS), gr.skip())
 
 
 def change_view(session: visitor.Session, view_label: str):
@@ -147,7 +170,8 @@ def build_tab(session: gr.State) -> tuple[list, list]:
         ``(inputs, outputs)`` of :func:`list_runs`, for the layout to refresh the list when the tab opens.
     """
     with gr.Row():
-        show_all = gr.Checkbox(visitor.shared_history_default(), label="Show every saved run (CLI runs, other sessions)")
+        show_all = gr.Checkbox(visitor.shared_history_default(), label="Show every saved run (CLI runs, other sessions)",
+                               visible=not private_runs())  # private runs: nobody sees another's
         refresh = gr.Button("Refresh", size="sm", scale=0, elem_id="bl-history-refresh")
     listing = gr.Dataframe(label="Saved runs (newest first)", interactive=False, elem_id="bl-history-list")
     with gr.Row():
