@@ -206,7 +206,11 @@ def check_value(f: Field, value: Any) -> None:
 def _shown(v: float) -> str:
     """A number for a message: ``1,000,000``, or ``a 4,000-digit number`` (never a page of digits)."""
     if isinstance(v, int) and abs(v) >= 10**30:
-        return f"a {int(abs(v).bit_length() * 0.30103) + 1:,}-digit number"
+        try:
+            digits = f"{len(str(abs(v))):,}"
+        except ValueError:  # longer than Python converts to text (4,300 digits by default)
+            digits = f"~{int(abs(v).bit_length() * 0.30103) + 1:,}"
+        return f"a {digits}-digit number"
     return f"{v:,}" if isinstance(v, int) else f"{v:g}"
 
 
