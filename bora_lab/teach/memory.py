@@ -103,8 +103,9 @@ def spec_from_sizes(n_params: float, n_layers: int, hidden: int, vocab: int = 32
     from transformers import LlamaConfig
 
     n_params, n_layers, hidden, vocab = int(n_params), int(n_layers), int(hidden), int(vocab)
-    if min(n_params, n_layers, hidden, vocab) < 1:
-        raise ValueError("parameters, layers, hidden size and vocabulary must all be positive")
+    for what, value in (("parameters", n_params), ("layers", n_layers), ("hidden size", hidden), ("vocabulary", vocab)):
+        if value < 1:
+            raise ValueError(f"{what} must be at least 1, got {value:,}")
     for what, value in (("parameters", n_params), ("layers", n_layers), ("hidden size", hidden),
                         ("vocabulary", vocab), ("attention heads", n_heads or 1), ("key/value heads", n_kv_heads or 1)):
         if value > SIZE_LIMITS[what]:  # the estimate builds the model's skeleton: keep it to real model sizes

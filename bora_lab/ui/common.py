@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from typing import Any
 
 # ---------------------------------------------------------------------------------------------
@@ -100,9 +101,13 @@ def progress_html(done: int, total: int, elapsed_s: float = 0.0, eta_s: float | 
     )
 
 
+_SERVER_PATH = re.compile(r"(^|[\s'\"(=])(?:/[^\s'\"/)]+)+/([^\s'\")/]+)")  # /a/b/c -> .../c
+
+
 def error_message(err: BaseException, device: str = "") -> str:
     """One line for people from any exception the trainer raises (never a traceback)."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    text = _SERVER_PATH.sub(lambda m: m.group(1) + ".../" + m.group(2), text)  # no server paths on the page
     if type(err).__name__ == "OutOfMemoryError" or "out of memory" in text.lower():
         where = f" on {device}" if device else ""
         return (f"Out of memory{where}: try a smaller batch size, a smaller rank, fewer layers "

@@ -119,9 +119,11 @@ def build_lessons_tab(apply_to: dict[str, gr.components.Component]) -> None:
         try:
             lesson = L.load_lesson(path)
         except L.LessonError as err:
+            Path(path).unlink(missing_ok=True)  # the server keeps no uploads
             gr.Warning(str(err))
             return [gr.update(), store, f"**Could not open this lesson.** {html.escape(str(err))}",
                     *[gr.update() for _ in keys]]
+        Path(path).unlink(missing_ok=True)
         store = {**store, lesson["id"]: lesson}
         choice = f"upload:{lesson['id']}"
         return [gr.update(choices=_choices(store), value=choice), store, lesson_markdown(lesson),

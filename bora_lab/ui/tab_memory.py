@@ -18,6 +18,8 @@ from . import common, visitor
 SOURCES = ("model id", "typed sizes")
 PRECISIONS = ["fp32", "bf16", "int8", "nf4"]
 PREC_CHOICES = ["auto", "fp32", "bf16"]
+# Bounds are checked by bora_lab.teach.memory, whose messages name the field (Gradio's own
+# minimum/maximum errors do not), so the Number widgets here carry none.
 # The worked example of the lecture notes "Parameter-Efficient Fine-Tuning" (QLoRA: "How does QLoRA reduce memory to 14GB?").
 LECTURE = {"source": "typed sizes", "name": "Llama-3-8B (lecture)", "params": 8e9, "layers": 32, "hidden": 4096, "vocab": 128256, "heads": 32,
            "kv_heads": 8, "method": "qlora", "rank": 16, "precision": "nf4", "optimizer": "adamw_8bit",
@@ -132,26 +134,26 @@ def build_memory_tab(session: gr.State | None = None) -> None:
                 with gr.Row():
                     model_id = gr.Dropdown(["minilm", "smollm2"], value="minilm", allow_custom_value=True,
                                            label="Model id", info="any Hugging Face id when online")
-                    num_layers = gr.Number(0, precision=0, minimum=0, label="Layers kept", info="0 = all")
+                    num_layers = gr.Number(0, precision=0, label="Layers kept", info="0 = all")
                 with gr.Accordion("Typed sizes", open=False):
                     name = gr.Textbox("typed sizes", max_lines=1, label="Name")
                     with gr.Row():
                         params = gr.Number(8e9, label="Parameters")
-                        layers = gr.Number(32, precision=0, minimum=1, label="Layers")
-                        hidden = gr.Number(4096, precision=0, minimum=1, label="Hidden size")
+                        layers = gr.Number(32, precision=0, label="Layers")
+                        hidden = gr.Number(4096, precision=0, label="Hidden size")
                     with gr.Row():
-                        vocab = gr.Number(128256, precision=0, minimum=1, label="Vocabulary")
-                        heads = gr.Number(32, precision=0, minimum=0, label="Heads", info="0 = hidden/128")
-                        kv_heads = gr.Number(8, precision=0, minimum=0, label="KV heads", info="0 = heads")
+                        vocab = gr.Number(128256, precision=0, label="Vocabulary")
+                        heads = gr.Number(32, precision=0, label="Heads", info="0 = hidden/128")
+                        kv_heads = gr.Number(8, precision=0, label="KV heads", info="0 = heads")
                 with gr.Row():
                     method = gr.Dropdown(methods, value="lora" if "lora" in methods else methods[0], label="Method")
-                    rank = gr.Number(8, precision=0, minimum=1, label="Rank")
+                    rank = gr.Number(8, precision=0, label="Rank")
                 with gr.Row():
                     precision = gr.Radio(PRECISIONS, value="fp32", label="Base precision")
                     optimizer = gr.Dropdown(list(OPTIMIZERS), value="adamw", label="Optimizer")
                 with gr.Row():
-                    batch = gr.Number(16, precision=0, minimum=1, label="Batch size")
-                    seq = gr.Number(128, precision=0, minimum=1, label="Sequence length")
+                    batch = gr.Number(16, precision=0, label="Batch size")
+                    seq = gr.Number(128, precision=0, label="Sequence length")
                 with gr.Row():
                     checkpointing = gr.Checkbox(False, label="Gradient checkpointing")
                     flash = gr.Checkbox(False, label="Flash attention (no stored scores)")
@@ -164,7 +166,7 @@ def build_memory_tab(session: gr.State | None = None) -> None:
                     quantize_all = gr.Checkbox(False, label="int8/NF4: quantise every parameter",
                                                info="the lecture's simplification; off = only Linear-layer weights")
                 with gr.Row():
-                    measured = gr.Number(0, minimum=0, label="Measured peak (MiB)", info="0 = none")
+                    measured = gr.Number(0, label="Measured peak (MiB)", info="0 = none")
                     measured_kind = gr.Textbox("", visible=False)
                 with gr.Row():
                     run_pick = gr.Dropdown([], value=None, label="Measured peak from a saved run", scale=3)
