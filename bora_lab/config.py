@@ -72,6 +72,10 @@ class RunConfig:
                                   "(BoRA paper, table 6)", TRAINING, min=0, max=0.999)
     weight_decay: float = setting(0.0, "Weight decay", "AdamW decoupled weight decay", TRAINING, min=0, max=10)
     grad_clip: float = setting(1.0, "Gradient clipping", "max gradient norm; 0 = off", TRAINING, min=0)
+    head: str = setting("classifier+pooler", "Trained head", "what of the task head trains with every method: "
+                        "classifier+pooler (BERT's pooler too; frozen, MiniLM stays near the majority class), "
+                        "classifier, or none; counted apart from the adapter's parameters", TRAINING,
+                        choices=("classifier+pooler", "classifier", "none"))
     eval_every: int = setting(50, "Evaluate every", "steps between evaluations (and at the end)", TRAINING,
                               min=1, max=100_000)
     eval_samples: int = setting(200, "Eval examples", "test examples per evaluation, a fixed seeded subset; "

@@ -367,3 +367,35 @@ def test_config_dataclasses_have_rank_and_alpha():
     for name in MODEL_METHODS:
         names = {f.name for f in dataclasses.fields(METHODS[name].config_cls)}
         assert {"rank", "alpha"} <= names
+
+
+@pytest.mark.parametrize("encoder, arch", [(e, a) for e in ("mlp", "lstm") for a in ("bert", "llama")])
+def test_ptuning_parity_with_peft(minilm, encoder, arch):
+    """P-tuning with PEFT's placement (position="start") and PEFT's weights copied in gives PEFT's logits.
+
+    Our defaults differ on purpose (the method card says so): position "auto" puts the prompt after
+    [CLS] on encoders, and the default encoder is the paper's LSTM; PEFT's default is the MLP."""
+    peft_mod = pytest.importorskip("peft")
+    if arch == "bert":
+        base, batch, task, n_real = copy.deepcopy(minilm[0]), minilm[1], "SEQ_CLS", None
+    else:
+        base = _llama("causal")
+        ids, mask = _llama_batch()
+        batch, task, n_real = {"input_ids": ids, "attention_mask": mask}, "CAUSAL_LM", ids.shape[1]
+    n, h = 4, 16
+    ours = methods.apply(copy.deepcopy(base), "ptuning", num_virtual_tokens=n, position="start", encoder=encoder,
+                         encoder_hidden=h).eval()
+    cfg = peft_mod.PromptEncoderConfig(task_type=task, num_virtual_tokens=n, encoder_hidden_size=h,
+                                       encoder_reparameterization_type=encoder.upper(), encoder_dropout=0.0)
+    ref = peft_mod.get_peft_model(copy.deepcopy(base), cfg).eval()
+    theirs_enc, our_enc = ref.prompt_encoder["default"], ours.base_model.bora_prompt.encoder
+    with torch.no_grad():
+        for p in theirs_enc.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # away from init, so a mismatch cannot hide
+        our_enc.prompt_embedding.copy_(theirs_enc.embedding.weight)
+        our_enc.mlp.load_state_dict(theirs_enc.mlp_head.state_dict())
+        if encoder == "lstm":
+            our_enc.lstm.load_state_dict(theirs_enc.lstm_head.state_dict())
+        theirs = ref(**batch).logits
+        theirs = theirs[:, -n_real:] if n_real and theirs.shape[1] != n_real else theirs
+        torch.testing.assert_close(ours(**batch).logits, theirs, atol=1e-5, rtol=1e-5)

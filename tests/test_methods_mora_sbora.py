@@ -42,15 +42,23 @@ def _train(layer, steps=25, lr=0.02):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("d_in,d_out,rank", [(24, 16, 4), (4096, 4096, 8), (768, 3072, 8), (5, 7, 1)])
 def test_mora_matches_lora_budget(kind, d_in, d_out, rank):
-    r_hat = mora_rank(rank, d_in, d_out, kind)
+    # default rounding is the official code's int(√budget + 0.5); rotation then rounds down to even
     budget = rank * (d_in + d_out)
-    assert r_hat**2 <= budget
-    step = 2 if kind == "rotation" else 1
-    assert (r_hat + step) ** 2 > budget
-    if kind == "rotation":
-        assert r_hat % 2 == 0
+    r_hat = mora_rank(rank, d_in, d_out, kind)
+    nearest = int(math.sqrt(budget) + 0.5)
+    assert r_hat == (nearest // 2 * 2 if kind == "rotation" else nearest)
+    assert abs(nearest - math.sqrt(budget)) <= 0.5
     cfg = methods.registry.make_config("mora", rank=rank, kind=kind)
     assert methods.METHODS["mora"].num_params(d_in, d_out, cfg) == r_hat**2
+    # rounding="floor" (the paper's ⌊·⌋) never exceeds LoRA's budget
+    r_floor = mora_rank(rank, d_in, d_out, kind, "floor")
+    assert r_floor**2 <= budget
+    step = 2 if kind == "rotation" else 1
+    assert (r_floor + step) ** 2 > budget
+    if kind == "rotation":
+        assert r_hat % 2 == 0 and r_floor % 2 == 0
+    cfg = methods.registry.make_config("mora", rank=rank, kind=kind, rounding="floor")
+    assert methods.METHODS["mora"].num_params(d_in, d_out, cfg) == r_floor**2
 
 
 def test_mora_lecture_example():
@@ -77,8 +85,10 @@ def test_mora_forward_merge_identity_all_kinds(kind, d_in, d_out, rank):
 
 
 def test_mora_delta_structure():
-    d_in, d_out = 24, 16
-    layers = {k: methods.wrap(nn.Linear(d_in, d_out), "mora", rank=4, kind=k) for k in KINDS}
+    d_in, d_out = 24, 16  # budget 4·40 = 160: r̂ = 13 (nearest), 12 (floor)
+    layers = {k: methods.wrap(nn.Linear(d_in, d_out), "mora", rank=4, kind=k, rounding="floor") for k in KINDS}
+    layers["sharing_adjacent"] = methods.wrap(nn.Linear(d_in, d_out), "mora", rank=4, kind="sharing",
+                                              rounding="floor", groups="adjacent")
     for layer in layers.values():
         _perturb(layer, 1.0)
     with torch.no_grad():
@@ -86,9 +96,12 @@ def test_mora_delta_structure():
         expected = torch.zeros(d_out, d_in)
         expected[:12, :12] = m
         torch.testing.assert_close(layers["truncation"].delta_weight(), expected)
-        sh = layers["sharing"]
-        torch.testing.assert_close(sh.delta_weight(), sh.mora_M[sh.g_out][:, sh.g_in])
-        assert sh.g_in.bincount().tolist() == [2] * 12  # 24 inputs in 12 adjacent pairs
+        for name in ("sharing", "sharing_adjacent"):  # 24 = 2·12: no padding, ΔW = M[g_out][:, g_in]
+            sh = layers[name]
+            torch.testing.assert_close(sh.delta_weight(), sh.mora_M[sh.g_out][:, sh.g_in])
+            assert sh.g_in.bincount().tolist() == [2] * 12
+        assert layers["sharing"].g_in.tolist() == list(range(12)) * 2  # cyclic (default): j mod r̂
+        assert layers["sharing_adjacent"].g_in.tolist() == [k // 2 for k in range(24)]  # adjacent pairs
         dec = layers["decomposition"]  # 2 input blocks of 12; 16 outputs = block 0 and 4 rows of block 1
         expected = torch.zeros(d_out, d_in)
         expected[:12, :12] = dec.mora_M
@@ -97,6 +110,24 @@ def test_mora_delta_structure():
         rot = layers["rotation"]  # block 0 is not rotated (angle 0): M itself
         torch.testing.assert_close(rot.delta_weight()[:12, :12], rot.mora_M)
         assert not torch.allclose(rot.delta_weight()[12:, 12:], rot.mora_M[:4])
+
+
+def test_mora_wrap_and_zero_padding():
+    # r̂ = 13 (nearest): 24 inputs = 13 + 11, the last block is short by 2
+    wrap = methods.wrap(nn.Linear(24, 16), "mora", rank=4, kind="decomposition")
+    zero = methods.wrap(nn.Linear(24, 16), "mora", rank=4, kind="decomposition", pad="zero")
+    assert wrap.r_hat == zero.r_hat == 13
+    _perturb(wrap, 1.0)
+    with torch.no_grad():
+        zero.mora_M.copy_(wrap.mora_M)
+        m, dw, dz = wrap.mora_M, wrap.delta_weight(), zero.delta_weight()
+    expected = torch.zeros(16, 24)
+    expected[:13, :13] = m
+    expected[13:, 13:] = m[:3, :11]
+    torch.testing.assert_close(dz, expected)  # zero padding: block diagonal
+    extra = torch.zeros(16, 24)
+    extra[13:, :2] = m[:3, 11:]  # wrap: inputs 0 and 1 fill the last block's slots 11 and 12
+    torch.testing.assert_close(dw, expected + extra)
 
 
 @pytest.mark.parametrize("kind", ["decomposition", "rotation"])

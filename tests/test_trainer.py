@@ -354,3 +354,15 @@ def test_decoder_trains_on_austen():
         ppl = r["eval"][-1]["metrics"]["perplexity"]  # 2 of 30 layers: a poor LM, but a finite one
         assert 1 < ppl < float("inf") and r["summary"]["final_loss"] > 0
     assert results["task"]["metric"] == "perplexity"
+
+
+# ---------------------------------------------------------------- the head policy
+@pytest.mark.parametrize("head, head_params", [("classifier+pooler", 147_840 + 770), ("classifier", 770), ("none", 0)])
+def test_head_policy_is_explicit_and_counted_apart(head, head_params):
+    results = run(tiny(methods=["lora"], steps=1, eval_every=1, analyze_every=1, head=head))
+    r = results["runs"][0]
+    # lora r4 on 2 layers: q, k, v, attention output 4 x 4(384+384) + FFN in/out 2 x 4(384+1536) = 27,648 per layer
+    assert r["head_params"] == head_params and r["adapter_params"] == 2 * 27_648
+    assert r["adapter_params"] + r["head_params"] == r["trainable_params"]
+    row = __import__("bora_lab.record", fromlist=["results_table"]).results_table(results)[0]
+    assert row["adapter params"] == r["adapter_params"] and row["head params"] == head_params

@@ -184,7 +184,7 @@ class RunState:
         with torch.random.fork_rng(devices=[]):  # same adapter init for every run, whatever ran before
             torch.manual_seed(cfg.seed)
             methods.apply(model, method, rank=rank, alpha=cfg.alpha, target_modules=cfg.target_modules,
-                          train_head=True, **cfg.method_options.get(method, {}))
+                          train_head=cfg.head, **cfg.method_options.get(method, {}))
         self.model = model.to(device).train()
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:

@@ -234,6 +234,7 @@ def _drive(ctx: _Context, run_id: str, method: str, rank: int) -> Iterator[Any]:
     ctx.states[run_id] = state
     try:
         info = {"task": ctx.task_info, "trainable_pct": state.counts["percent"], "lockstep": ctx.lockstep,
+                "adapter_params": state.counts["adapter"], "head_params": state.counts["head"],
                 "magnitude_axis": state.info["magnitude_axis"], "target_modules": state.targets,
                 "peak_mem_kind": PEAK_MEM_KIND.get(ctx.device.type, "process_peak_rss")}
         yield RunStarted(run_id, method, rank, state.counts["trainable"], state.counts["total"], str(ctx.device),

@@ -251,7 +251,8 @@ def mora_figure(mora: dict, title: str = "") -> go.Figure:
     d_in, d_out, r = len(mora["in_slot"]), len(mora["out_slot"]), mora["r_hat"]
     extra = {"rotation": "; each block t is rotated (RoPE-style, angle t·10000^(−2k/r̂)) before M",
              "truncation": "; inputs and outputs beyond r̂ are dropped / zero",
-             "sharing": "; groups of adjacent features share a slot",
+             "sharing": ("; features j, j + r̂, j + 2r̂, ... share slot j mod r̂ (cyclic, eq. 6)"
+                         if mora.get("groups", "cyclic") == "cyclic" else "; groups of adjacent features share a slot"),
              "decomposition": "; every block of r̂ inputs meets the same M"}.get(mora.get("kind"), "")
     fig.update_layout(title=f"MoRA ({mora.get('kind')}){': ' + title if title else ''}<br><sub>r̂ = {r}: {r * r:,} "
                             f"parameters vs LoRA rank {mora.get('lora_rank')}: {mora.get('lora_rank', 0) * (d_in + d_out):,}"

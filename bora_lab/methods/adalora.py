@@ -1,9 +1,25 @@
-"""AdaLoRA (Zhang et al., arXiv:2303.10512): SVD-form update with importance-based rank allocation.
+"""AdaLoRA (Zhang et al., 2023, arXiv:2303.10512): SVD-form update with importance-based rank allocation.
 
 ``ΔW = s · P diag(λ) Q`` with ``Q = lora_A: [r, in]``, ``P = lora_B: [out, r]``, ``λ = lora_E: [r]``
 (zero init, so ``ΔW = 0``). During training the triplets ``(P[:, i], λ_i, Q[i, :])`` with the
 lowest smoothed importance are pruned on a cubic budget schedule, with the budget shared by all
-layers (``allocation="global"``), and ``||PᵀP − I||² + ||QQᵀ − I||²`` keeps P and Q near orthonormal.
+layers (``allocation="global"``), and an orthogonality regulariser keeps P and Q near orthonormal.
+
+**Orthogonality regulariser** (``orth_reg``, weight ``γ = orth_reg_weight``, default 0.1), over the
+``n`` AdaLoRA layers of one config:
+
+* ``"paper"`` (default): AdaLoRA eq. 4, ``R(P, Q) = ||PᵀP − I||²_F + ||QQᵀ − I||²_F`` (squared
+  Frobenius norms), added as ``γ · Σ_k R(P_k, Q_k) / n``. The paper's training objective sums
+  ``γ · R(P_k, Q_k)`` over the layers; we average, so that ``γ`` does not scale with the depth of
+  the model. The Gram is taken over the shorter side of
+  each factor (:func:`bora_lab.methods.budget.orth_penalty`; ``r×r`` whenever ``r ≤ in, out``).
+* ``"peft"``: Hugging Face PEFT (``AdaLoraModel.forward``) and the official AdaLoRA code
+  (``loralib/adalora.py``, ``compute_orth_regu``): the *unsquared* Frobenius norms of the ``r×r``
+  Grams ``Q Qᵀ`` (``lora_A @ lora_A.T``) and ``PᵀP`` (``lora_B.T @ lora_B``), averaged over the
+  ``2n`` matrices: ``γ · Σ_k (||P_kᵀP_k − I||_F + ||Q_kQ_kᵀ − I||_F) / (2n)``. PEFT's default weight
+  is ``orth_reg_weight=0.5`` (the official code's 0.1); set it to reproduce PEFT's defaults.
+
+Both are computed in float32.
 
 Trainer contract (see :mod:`bora_lab.methods.budget`): after ``optimizer.step()`` and before
 ``zero_grad()`` call ``after_step(step, total_steps)``; add ``regularization_loss()`` to the loss
@@ -33,7 +49,20 @@ from .budget import (
 )
 from .registry import register
 
-__all__ = ["AdaLoRAConfig", "AdaLoRALinear", "rank_history", "regularization_loss", "update_and_allocate"]
+__all__ = ["AdaLoRAConfig", "AdaLoRALinear", "peft_orth_norm", "rank_history", "regularization_loss",
+           "update_and_allocate"]
+
+ORTH_REGS = ("paper", "peft")
+
+
+def peft_orth_norm(lora_a: Tensor, lora_b: Tensor) -> Tensor:
+    """``||A Aᵀ − I||_F + ||BᵀB − I||_F`` (fp32 scalar, unsquared): PEFT's per-layer term, ``r×r`` Grams."""
+    with torch.autocast(lora_a.device.type, enabled=False):
+        a, b = lora_a.float(), lora_b.float()
+        total = torch.zeros((), device=a.device)
+        for g in (a @ a.T, b.T @ b):  # (r, r) each
+            total = total + torch.linalg.matrix_norm(g - torch.eye(g.shape[0], device=g.device, dtype=g.dtype))
+        return total
 
 
 @dataclass
@@ -42,6 +71,16 @@ class AdaLoRAConfig(BudgetConfig):
 
     init_std: float = field(default=0.02, metadata={
         "help": "std of the Gaussian init of P and Q (PEFT: 0.02; λ starts at 0)", "min": 0.0})
+    orth_reg: str = field(default="paper", metadata={
+        "help": "orthogonality regulariser: paper = eq. 4, squared Frobenius ||PᵀP−I||²+||QQᵀ−I||², "
+                "averaged over layers; peft = PEFT / official code, unsquared Frobenius norms averaged "
+                "over the P and Q matrices (PEFT's default weight: 0.5)",
+        "choices": list(ORTH_REGS)})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.orth_reg not in ORTH_REGS:
+            raise ValueError(f"orth_reg must be one of {ORTH_REGS}, got {self.orth_reg!r}")
 
 
 @register("adalora", AdaLoRAConfig)
@@ -50,7 +89,7 @@ class AdaLoRALinear(AdapterLinear):
 
     description = "AdaLoRA: SVD-form update P·Λ·Q; unimportant singular values pruned to a global budget"
     formula = (r"W = W_0 + \frac{\alpha}{r} P\,\Lambda\,Q,\ \Lambda=\operatorname{diag}(\lambda),\ \lambda_0=0,"
-               r"\ \ \mathcal{R}=\lVert P^\top P-I\rVert_F^2+\lVert QQ^\top-I\rVert_F^2")
+               r"\ \ \mathcal{R}=\lVert P^\top P-I\rVert_F^2+\lVert QQ^\top-I\rVert_F^2\ \text{(eq. 4)}")
     paper = ("Zhang et al. 2023, AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning "
              "(arXiv:2303.10512)")
     source = "Zhang et al., 2024, LoRA2, arXiv:2408.06854, §2 (AdaLoRA, eq. 3) and §3.2"
@@ -86,9 +125,14 @@ class AdaLoRALinear(AdapterLinear):
         self._allocator.step(step, total_steps)
 
     def regularization_loss(self) -> Tensor:
-        """``orth_reg_weight · (||PᵀP − I||² + ||QQᵀ − I||²) / n_layers`` (fp32 scalar)."""
+        """This layer's share of the orthogonality regulariser (fp32 scalar; summing every layer's
+        share gives the whole term, see the module docstring):
+        ``paper``: ``orth_reg_weight · (||PᵀP − I||²_F + ||QQᵀ − I||²_F) / n_layers``;
+        ``peft``: ``orth_reg_weight · (||PᵀP − I||_F + ||QQᵀ − I||_F) / (2 · n_layers)``."""
         if self.cfg.orth_reg_weight == 0:
             return torch.zeros((), device=self.lora_A.device)
+        if self.cfg.orth_reg == "peft":
+            return self._allocator.reg_scale() / 2 * peft_orth_norm(self.lora_A, self.lora_B)
         return self._allocator.reg_scale() * (orth_penalty(self.lora_A) + orth_penalty(self.lora_B))
 
     # -- allocator protocol ------------------------------------------------------------------

@@ -55,7 +55,8 @@ class BudgetConfig(AdapterConfig):
     beta1: float = field(default=0.85, metadata={"help": "EMA factor of the sensitivity Ī", "min": 0.0, "max": 0.999})
     beta2: float = field(default=0.85, metadata={"help": "EMA factor of the uncertainty Ū", "min": 0.0, "max": 0.999})
     orth_reg_weight: float = field(default=0.1, metadata={
-        "help": "weight of the orthogonality regulariser ||XᵀX − I||²_F (averaged over layers)", "min": 0.0})
+        "help": "weight of the orthogonality regulariser, averaged over layers (LoRA2: ||XᵀX − I||²_F; "
+                "AdaLoRA: see orth_reg)", "min": 0.0})
 
     def __post_init__(self):
         if self.allocation not in ("global", "per_layer"):

@@ -265,11 +265,17 @@ class PromptTuning(ModelMethod):
     every weight of the model stays frozen. The prompt positions are removed from the output, so
     logits and labels keep their shapes. Not mergeable: the prompt is input, not a weight change.
 
+    Choices that differ from PEFT 0.21 (``PromptTuningConfig``), on purpose: with ``position="auto"``
+    an encoder's prompt goes after [CLS] (which the pooler reads); PEFT puts it first
+    (``position="start"`` matches PEFT exactly, tested). Our ``init="vocab"`` copies random vocabulary
+    embeddings (Lester et al., §3.2's best init); PEFT's default is random N(0, 1) (``init="random"``
+    here scales N(0, 1) to the embeddings' std).
+
     Not identity at init: the real tokens attend to the new vectors from the first step (no
     zero-initialised prompt leaves attention unchanged, since softmax weights are positive).
     """
 
-    description = "Prompt tuning: n trainable embeddings inserted into the input"
+    description = "Prompt tuning: n trainable embeddings inserted into the input (after [CLS]; PEFT: first)"
     formula = r"[\,e(x_{\mathrm{CLS}}),\ P_1,\dots,P_n,\ e(x_1),\dots,e(x_L)\,],\ P \in \mathbb{R}^{n\times d}"
     paper = ("Lester, Al-Rfou & Constant, The Power of Scale for Parameter-Efficient Prompt Tuning, EMNLP 2021 "
              "(arXiv:2104.08691)")
@@ -295,11 +301,16 @@ class PTuning(ModelMethod):
     tokens and steadies training. The paper interleaves prompts with a template; we place them as
     prompt tuning does. Not mergeable: the prompt is input, not a weight change.
 
+    Choices that differ from PEFT 0.21 (``PromptEncoderConfig``), on purpose: the default encoder is
+    the paper's LSTM (PEFT's default is the MLP; ``encoder="mlp"`` is PEFT's, layer for layer), and
+    ``position="auto"`` puts an encoder's prompt after [CLS] (PEFT: first, ``position="start"``).
+    With PEFT's placement and weights, the logits equal PEFT's for both encoders (tested).
+
     Not identity at init: the real tokens attend to the new vectors from the first step (no
     zero-initialised prompt leaves attention unchanged, since softmax weights are positive).
     """
 
-    description = "P-tuning: virtual-token embeddings produced by a small LSTM/MLP encoder"
+    description = "P-tuning: virtual-token embeddings produced by a small LSTM (default) or MLP (PEFT's) encoder"
     formula = r"P = \mathrm{MLP}(\mathrm{BiLSTM}(E)),\ E \in \mathbb{R}^{n\times d};\ [\,P,\ e(x)\,]"
     paper = "Liu et al., GPT Understands, Too (P-tuning), arXiv:2103.10385, 2021"
     source = _SOURCE

@@ -30,6 +30,9 @@ DEFAULT_ANALYSIS: dict[str, str] = {
 }
 # Task heads stay trainable with every method (a random head over a frozen body learns nothing).
 HEAD_NAMES = ("classifier", "score", "pooler", "pre_classifier")
+# What of the head trains (``apply(train_head=...)``): BERT's pooler is pretrained but sits between
+# the body and a new random classifier; frozen, MiniLM stays near the majority class on fine_foods.
+HEAD_POLICIES = {"classifier+pooler": HEAD_NAMES, "classifier": ("classifier", "score", "pre_classifier"), "none": ()}
 
 
 def _model_type(model: nn.Module) -> str:
@@ -55,9 +58,10 @@ def default_analysis_module(model: nn.Module) -> str:
     return DEFAULT_ANALYSIS.get(_model_type(model), default_targets(model)[0])
 
 
-def head_module_names(model: nn.Module) -> list[str]:
-    """Full names of the task-head modules present in ``model`` (kept trainable by :func:`apply`)."""
-    return [n for n, _ in model.named_modules() if n and n.rsplit(".", 1)[-1] in HEAD_NAMES]
+def head_module_names(model: nn.Module, policy: str = "classifier+pooler") -> list[str]:
+    """Full names of the task-head modules present in ``model`` that ``policy`` trains (see :func:`apply`)."""
+    names = HEAD_POLICIES[policy]
+    return [n for n, _ in model.named_modules() if n and n.rsplit(".", 1)[-1] in names]
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -103,7 +107,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def apply(model: nn.Module, method: str, rank: int = 8, alpha: float = 16.0,
-          target_modules: list[str] | None = None, train_head: bool = True, **options: Any) -> nn.Module:
+          target_modules: list[str] | None = None, train_head: bool | str = True, **options: Any) -> nn.Module:
     """Apply ``method`` to ``model`` in place and return it.
 
     Freezes everything, wraps the target layers (layer-level methods) or lets the method change
@@ -114,7 +118,10 @@ def apply(model: nn.Module, method: str, rank: int = 8, alpha: float = 16.0,
         method: a name from :func:`bora_lab.methods.available`.
         rank, alpha: the update's rank and scaling numerator (ignored by methods without a rank).
         target_modules: module names to wrap (``["query", "value"]``); default per architecture.
-        train_head: keep the classifier/pooler/score trainable (recommended for classification).
+        train_head: which task-head modules train with the method: ``"classifier+pooler"`` (or True,
+            the default: classifier, score, pre_classifier and BERT's pooler), ``"classifier"`` (the
+            new classifier only; the pooler stays frozen), ``"none"`` (or False). Head parameters are
+            counted apart from the adapter's (:func:`trainable_summary`).
         **options: method-specific options (see ``registry.config_fields(method)``).
     """
     cls = registry.get(method)
@@ -132,12 +139,15 @@ def apply(model: nn.Module, method: str, rank: int = 8, alpha: float = 16.0,
             _set_module(model, name, cls(as_linear(model.get_submodule(name)), cfg))
     else:
         cls.apply_to_model(model, cfg, targets)
-    heads = head_module_names(model) if train_head else []
+    policy = {True: "classifier+pooler", False: "none"}.get(train_head, train_head)
+    if policy not in HEAD_POLICIES:
+        raise ValueError(f"train_head must be one of {', '.join(HEAD_POLICIES)} (or True/False), got {train_head!r}")
+    heads = head_module_names(model, policy)
     for h in heads:
         for p in model.get_submodule(h).parameters():
             p.requires_grad_(True)
     model.bora_lab_config = {"method": method, "options": dict(cfg.__dict__), "target_modules": targets,
-                             "head_modules": heads}
+                             "head_modules": heads, "head_policy": policy}
     return model
 
 
@@ -161,10 +171,24 @@ def unmerge(model: nn.Module) -> None:
 
 
 def trainable_summary(model: nn.Module) -> dict[str, float]:
-    """``{"trainable": n, "total": N, "percent": 100·n/N}`` (total counts adapters too, as PEFT)."""
+    """``{"trainable": n, "total": N, "percent": 100·n/N, "head": h, "adapter": n - h, "adapter_percent"}``.
+
+    ``total`` counts adapters too (as PEFT); ``head`` is the trainable part of the task head
+    (``apply(train_head=...)``), ``adapter`` the rest: the method's own parameters, comparable with
+    the papers' Param% (which leave the classifier out).
+    """
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1)}
+    heads = getattr(model, "bora_lab_config", {}).get("head_modules", [])
+    seen: set[int] = set()
+    head = 0
+    for h in heads:
+        for p in model.get_submodule(h).parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                head += p.numel()
+    return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1),
+            "head": head, "adapter": trainable - head, "adapter_percent": 100.0 * (trainable - head) / max(total, 1)}
 
 
 def print_trainable_parameters(model: nn.Module) -> str:

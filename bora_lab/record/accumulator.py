@@ -29,7 +29,8 @@ def _get(event: Any, key: str, default: Any = None) -> Any:
 def new_run_entry(run_id: str, method: str, rank: int) -> dict[str, Any]:
     """An empty per-run record (see the schema)."""
     return {"run_id": run_id, "method": method, "rank": rank, "status": "pending", "error": None,
-            "trainable_params": None, "total_params": None, "trainable_pct": None, "magnitude_axis": None,
+            "trainable_params": None, "total_params": None, "trainable_pct": None, "adapter_params": None,
+            "head_params": None, "magnitude_axis": None,
             "device": None, "target_modules": [], "analysed_modules": [], "history": [], "eval": [], "analysis": [],
             "median_step_s": None, "peak_mem_mb": None, "summary": {}}
 
@@ -106,6 +107,7 @@ class ResultsAccumulator:
                          total_params=_get(ev, "total_params"), device=_get(ev, "device"),
                          analysed_modules=list(_get(ev, "analysed_modules") or []),
                          trainable_pct=info.get("trainable_pct"), magnitude_axis=info.get("magnitude_axis"),
+                         adapter_params=info.get("adapter_params"), head_params=info.get("head_params"),
                          target_modules=list(info.get("target_modules") or []))
             if info.get("task"):
                 self.results["task"] = info["task"]
@@ -146,6 +148,7 @@ def summarize(entry: dict[str, Any], task: dict[str, Any] | None = None, status:
     """The run's row of the results table, from what its entry holds so far (works on partial runs).
 
     Keys: run_id, method, rank, status, error, trainable_params, total_params, trainable_pct,
+    adapter_params, head_params (the trainable task head, counted apart),
     steps_done, final_loss, metric, eval_metric, eval_step, median_step_s, peak_mem_mb,
     dM_row, dM_col, dD_row, dD_col (mean over analysed modules, from the start, last snapshot),
     asymmetry_ratio, dora_slope, dora_r (DoRA fig. 2 fit on the row axis), analysis_overhead_pct.
@@ -162,7 +165,8 @@ def summarize(entry: dict[str, Any], task: dict[str, Any] | None = None, status:
         "run_id": entry["run_id"], "method": entry["method"], "rank": entry["rank"],
         "status": status or entry.get("status"), "error": entry.get("error"),
         "trainable_params": entry.get("trainable_params"), "total_params": entry.get("total_params"),
-        "trainable_pct": entry.get("trainable_pct"), "steps_done": hist[-1]["step"] if hist else 0,
+        "trainable_pct": entry.get("trainable_pct"), "adapter_params": entry.get("adapter_params"),
+        "head_params": entry.get("head_params"), "steps_done": hist[-1]["step"] if hist else 0,
         "final_loss": statistics.fmean(losses) if losses else None,
         "metric": metric,
         "eval_metric": (last_eval["metrics"].get(metric) if last_eval and metric else None),

@@ -43,7 +43,8 @@ class RunStarted(Event):
     device: str
     analysed_modules: list[str]  # full module names tracked by the analysis ([] if not applicable)
     kind: str = field(init=False, default="run_started")
-    # Extra facts: "task" (task info dict), "trainable_pct", "magnitude_axis", "peak_mem_kind", "lockstep".
+    # Extra facts: "task" (task info dict), "trainable_pct", "adapter_params", "head_params" (trainable_params
+    # split into the method's own and the task head's), "magnitude_axis", "peak_mem_kind", "lockstep".
     info: dict[str, Any] = field(default_factory=dict)
 
 

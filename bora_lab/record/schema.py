@@ -26,6 +26,8 @@ RUN_SCHEMA = {
         "trainable_params": _INT,
         "total_params": _INT,
         "trainable_pct": _NUM,
+        "adapter_params": _INT,
+        "head_params": _INT,
         "magnitude_axis": {"type": ["string", "null"]},
         "device": {"type": ["string", "null"]},
         "analysed_modules": {"type": "array", "items": {"type": "string"}},

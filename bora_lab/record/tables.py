@@ -16,7 +16,8 @@ def _round(v: Any, digits: int = 4) -> Any:
 def results_table(results: dict) -> list[dict[str, Any]]:
     """One row per run (works on partial results): the CLI prints it, the app shows it.
 
-    Columns: run, method, rank, status, trainable params, trainable %, final loss, the task's
+    Columns: run, method, rank, status, trainable params, trainable %, adapter params, head params
+    (trainable params split into the method's own and the task head's), final loss, the task's
     metric, median step (s), peak mem (MiB), ΔM row, ΔM col, ΔD row, ΔD col (mean over analysed
     modules, from the start), ΔM row/col (the asymmetry ratio). Missing values are None.
     """
@@ -28,6 +29,7 @@ def results_table(results: dict) -> list[dict[str, Any]]:
         rows.append({
             "run": run["run_id"], "method": run["method"], "rank": run["rank"] or "-", "status": s.get("status") or run.get("status"),
             "trainable params": s.get("trainable_params"), "trainable %": _round(s.get("trainable_pct"), 3),
+            "adapter params": s.get("adapter_params"), "head params": s.get("head_params"),
             "final loss": _round(s.get("final_loss")), metric: _round(s.get("eval_metric")),
             "median step (s)": _round(s.get("median_step_s"), 3), "peak mem (MiB)": _round(s.get("peak_mem_mb"), 4),
             "ΔM row": _round(s.get("dM_row"), 3), "ΔM col": _round(s.get("dM_col"), 3),

@@ -175,7 +175,7 @@ def method_card(name: str, d_in: int = 384, d_out: int = 384, rank: int = 8,
                     model_total_params=count.base_total, n_layers_wrapped=len(count.layers) or None,
                     adapter_params=count.adapter_params, head_params=count.head_params)
         if count.head_params:
-            card["notes"].append(f"includes the task head ({count.head_params:,} parameters), trained with every method")
+            card["notes"].append(f"includes the task head ({count.head_params:,} parameters), trained with every method as the \"Trained head\" setting says: classifier+pooler by default; the adapter alone is {count.trainable - count.head_params:,}")
     elif card["params_per_layer"] is not None and n_layers_wrapped:
         card["trainable"] = card["params_per_layer"] * n_layers_wrapped
         if model_total_params:
