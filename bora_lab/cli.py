@@ -379,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     try:
         return {"list": cmd_list, "app": cmd_app, "compare": cmd_compare}[args.command](args)
+    except BrokenPipeError:  # `bora-lab list | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except (ValueError, TypeError, FileNotFoundError, OSError) as err:
         if os.environ.get("BORA_LAB_DEBUG"):
             raise

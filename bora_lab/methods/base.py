@@ -176,8 +176,13 @@ def combined_weight(w0: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:
 
 
 def safe_norm(v: Tensor, dim: int, eps: float) -> Tensor:
-    """``||v||`` along ``dim`` (accumulated in fp32, returned in v's dtype), bounded below by ``eps``."""
-    return torch.linalg.vector_norm(v, dim=dim, dtype=torch.float32).clamp_min(eps).to(v.dtype)
+    """``||v||`` along ``dim``, bounded below by ``eps``, returned in v's dtype.
+
+    Accumulated in at least fp32: bf16/fp16 are upcast to fp32, fp32 and fp64 keep their own dtype
+    (``vector_norm`` refuses to narrow fp64 to fp32, so a fixed fp32 accumulator broke fp64 weights).
+    """
+    acc = torch.promote_types(v.dtype, torch.float32)
+    return torch.linalg.vector_norm(v, dim=dim, dtype=acc).clamp_min(eps).to(v.dtype)
 
 
 class ModelMethod:

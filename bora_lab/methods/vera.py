@@ -1,15 +1,32 @@
-"""VeRA (Kopiczko et al., arXiv:2310.11454) and DVoRA (VeRA + DoRA's magnitude, Liu et al. 2024).
+"""VeRA (Kopiczko et al., 2023) and DVoRA (VeRA + DoRA's magnitude, Liu et al., 2024).
+
+References:
+    Kopiczko, Blankevoort and Asano, 2023, "VeRA: Vector-based Random Matrix Adaptation",
+    arXiv:2310.11454 (ICLR 2024). Liu et al., 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation",
+    arXiv:2402.09353 (DVoRA: DoRA's magnitude on VeRA's update).
 
 VeRA freezes one pair of random matrices ``A: [r, in]``, ``B: [out, r]`` shared by the layers and
 trains only two scaling vectors: ``ΔW = diag(b) B diag(d) A`` with ``d: [r]`` (init ``d_initial``)
 and ``b: [out]`` (init 0, so ``ΔW = 0``). Trainable: ``r + out`` per layer.
 
-Sharing: A and B are drawn (Kaiming-uniform, as VeRA and PEFT) from a CPU generator seeded with
-``seed``, so every layer of one shape gets the same matrices on any device, and a file holding the
-trainable vectors reproduces the model. Memory: each layer keeps its own copy of the frozen pair as
-non-persistent buffers, ``r·(in + out)`` values per layer; PEFT keeps one ``[r, max_in]`` and
-``[max_out, r]`` pair for the whole model and slices it, which saves that memory but ties layers of
-different shapes to overlapping slices.
+Init of A and B (option ``init``). The paper initialises the frozen pair with Kaiming
+initialisation; Hugging Face PEFT (``peft/tuners/vera/model.py``, ``_kaiming_init``) draws
+``U(-bound, bound)`` with ``bound = sqrt(3) · sqrt(2) / sqrt(fan_in) = sqrt(6 / fan_in)``, i.e.
+Kaiming-uniform with gain ``sqrt(2)`` (He et al.'s ReLU gain), where ``fan_in`` is the second
+dimension (``in`` for ``A``, ``r`` for ``B``). ``init="peft"`` (default) does exactly that: A is
+drawn first, then B, from one CPU generator seeded with ``seed`` (PEFT: ``projection_prng_key``,
+default 0 as ours). ``init="kaiming_a_sqrt5"`` is LoRA's A init (``kaiming_uniform_(a=sqrt(5))``,
+``bound = 1 / sqrt(fan_in)``, ``sqrt(6)`` ≈ 2.45× smaller), what BoRA Lab used before; it is kept
+only to reproduce old runs.
+
+Sharing: every layer of one shape gets the same matrices on any device, and a file holding the
+trainable vectors reproduces the model. When all targeted layers have one shape (e.g. square
+attention projections only), our A and B are elementwise equal to PEFT's for the same seed.
+Memory and mixed shapes: each layer keeps its own copy of the frozen pair as non-persistent buffers, ``r·(in + out)`` values per
+layer, drawn for its own shape. PEFT keeps one ``[r, max_in]`` and ``[max_out, r]`` pair for the
+whole model and slices ``A[:, :in]``, ``B[:out, :]``: that saves memory, but ties layers of
+different shapes to overlapping slices, and a narrower layer's slice of A has PEFT's bound
+``sqrt(6 / max_in)`` instead of our ``sqrt(6 / in)``. B's bound ``sqrt(6 / r)`` is the same in both.
 """
 from __future__ import annotations
 
@@ -23,7 +40,7 @@ from torch import Tensor, nn
 from .base import AdapterConfig, AdapterLinear, NormConfig, safe_norm
 from .registry import register
 
-INITS = ("kaiming_uniform", "orthogonal", "gaussian")
+INITS = ("kaiming_uniform", "orthogonal", "gaussian")  # frozen_random's (AsyLoRA's a_init)
 
 
 def frozen_random(shape: tuple[int, int], generator: torch.Generator, init: str, like: Tensor) -> Tensor:
@@ -48,12 +65,48 @@ def frozen_random(shape: tuple[int, int], generator: torch.Generator, init: str,
     return t.to(device=like.device, dtype=like.dtype)
 
 
+VERA_INITS = ("peft", "kaiming_a_sqrt5")  # VeRAConfig.init: distribution of the frozen A, B
+
+
+def vera_kaiming_bound(fan_in: int) -> float:
+    """Half-width of VeRA's uniform init: ``sqrt(6 / fan_in)`` (Kaiming gain ``sqrt(2)``, as PEFT's ``_kaiming_init``)."""
+    std = math.sqrt(2) / math.sqrt(fan_in)
+    return math.sqrt(3.0) * std
+
+
+def vera_random(shape: tuple[int, int], generator: torch.Generator, init: str, like: Tensor) -> Tensor:
+    """One frozen VeRA matrix drawn on the CPU from ``generator``, cast like ``like``.
+
+    ``init="peft"``: ``U(-b, b)`` with ``b = sqrt(6 / shape[1])`` (VeRA paper's Kaiming init as
+    PEFT implements it); ``init="kaiming_a_sqrt5"``: LoRA's A init, ``b = 1 / sqrt(shape[1])``.
+    """
+    if init == "peft":
+        bound = vera_kaiming_bound(shape[1])
+        t = torch.empty(shape).uniform_(-bound, bound, generator=generator)
+        return t.to(device=like.device, dtype=like.dtype)
+    if init == "kaiming_a_sqrt5":
+        return frozen_random(shape, generator, "kaiming_uniform", like)
+    raise ValueError(f"unknown VeRA init {init!r}; choose one of {', '.join(VERA_INITS)}")
+
+
 @dataclass
 class VeRAConfig(AdapterConfig):
-    """VeRA options. ``alpha`` is not used: the vectors ``b`` and ``d`` carry the scale."""
+    """VeRA options. ``alpha`` is not used: the vectors ``b`` and ``d`` carry the scale.
+
+    PEFT's ``VeraConfig`` names: ``seed`` = ``projection_prng_key``, ``d_initial`` = ``d_initial``.
+    """
 
     seed: int = field(default=0, metadata={"help": "seed of the shared frozen random A and B", "min": 0})
     d_initial: float = field(default=0.1, metadata={"help": "initial value of every entry of d (PEFT: 0.1)"})
+    init: str = field(default="peft", metadata={
+        "help": ("distribution of the frozen A, B. peft: Kaiming-uniform with gain sqrt(2), bound sqrt(6/fan_in), "
+                 "as the VeRA paper (Kopiczko et al., 2023, arXiv:2310.11454) and PEFT's _kaiming_init; "
+                 "kaiming_a_sqrt5: LoRA's A init, bound 1/sqrt(fan_in) (sqrt(6) times smaller; BoRA Lab's old init)"),
+        "choices": list(VERA_INITS)})
+
+    def __post_init__(self):
+        if self.init not in VERA_INITS:
+            raise ValueError(f"init must be one of {list(VERA_INITS)}, got {self.init!r}")
 
 
 @dataclass
@@ -67,8 +120,9 @@ class VeRAProjection(nn.Module):
     def __init__(self, d_in: int, d_out: int, cfg: VeRAConfig, like: Tensor):
         super().__init__()
         g = torch.Generator().manual_seed(cfg.seed)
-        self.register_buffer("A", frozen_random((cfg.rank, d_in), g, "kaiming_uniform", like), persistent=False)
-        self.register_buffer("B", frozen_random((d_out, cfg.rank), g, "kaiming_uniform", like), persistent=False)
+        # A first, then B, from one generator: the order PEFT draws them in
+        self.register_buffer("A", vera_random((cfg.rank, d_in), g, cfg.init, like), persistent=False)
+        self.register_buffer("B", vera_random((d_out, cfg.rank), g, cfg.init, like), persistent=False)
         self.d = nn.Parameter(torch.full((cfg.rank,), float(cfg.d_initial), device=like.device, dtype=like.dtype))
         self.b = nn.Parameter(torch.zeros(d_out, device=like.device, dtype=like.dtype))
 
@@ -90,8 +144,11 @@ class VeRALinear(AdapterLinear):
 
     description = "VeRA: shared frozen random A, B; trains only the scaling vectors d (rank) and b (output)"
     formula = r"W = W_0 + \operatorname{diag}(b)\,B\,\operatorname{diag}(d)\,A,\ A,B\ \text{frozen random, shared},\ b_0=0"
-    paper = "Kopiczko et al. 2024, VeRA: Vector-based Random Matrix Adaptation (arXiv:2310.11454)"
-    source = ("lecture notes 'Parameter-Efficient Fine-Tuning' (EE4016), DoRA summary (VeRA/DVoRA); "
+    paper = "Kopiczko et al. 2023, VeRA: Vector-based Random Matrix Adaptation (arXiv:2310.11454)"
+    source = ("Kopiczko et al., 2023, VeRA: Vector-based Random Matrix Adaptation, arXiv:2310.11454 "
+              "(frozen A, B Kaiming-initialised; b = 0, d = d_initial); init of A, B as Hugging Face PEFT's "
+              "VeRA (_kaiming_init: bound sqrt(6/fan_in)); "
+              "lecture notes 'Parameter-Efficient Fine-Tuning' (EE4016), DoRA summary (VeRA/DVoRA); "
               "shape conventions: docs/conventions.md")
 
     def __init__(self, base, cfg: VeRAConfig):
@@ -111,7 +168,10 @@ class VeRALinear(AdapterLinear):
 
 @register("dvora", DVoRAConfig)
 class DVoRALinear(AdapterLinear):
-    """DVoRA: ``V = W0 + diag(b) B diag(d) A``, ``W = diag(m / ||V||_row) V``, ``m: [out]``."""
+    """DVoRA: ``V = W0 + diag(b) B diag(d) A``, ``W = diag(m / ||V||_row) V``, ``m: [out]``.
+
+    A and B are VeRA's (same ``seed`` and ``init``, so the same matrices as ``vera``).
+    """
 
     description = "DVoRA: VeRA direction + trainable magnitude per output feature (DoRA on VeRA)"
     magnitude_axis = "row (per output feature)"
