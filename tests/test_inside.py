@@ -13,7 +13,7 @@ from bora_lab.config import RunConfig
 from bora_lab.methods import METHODS
 from bora_lab.figures import layer_views as L
 from bora_lab.engine import runstate
-from bora_lab.record.layer_store import LayerStore, _json_safe
+from bora_lab.record.layer_store import LayerStore, json_safe
 from bora_lab.record import fold, save_results
 from bora_lab.engine.trainer import checkpoint_steps, compare
 from bora_lab.ui import tab_inside, visitor
@@ -90,7 +90,7 @@ def test_inspect_is_json_for_every_layer_method():
             continue
         info = methods.wrap(torch.nn.Linear(24, 20), name, rank=2).inspect()
         assert set(info) >= {"rank", "magnitudes"}, name
-        json.dumps(_json_safe(info), allow_nan=False)
+        json.dumps(json_safe(info), allow_nan=False)
 
 
 # ---------------------------------------------------------------- figures from the real runs

@@ -21,6 +21,24 @@ layers (``allocation="global"``), and an orthogonality regulariser keeps P and Q
 
 Both are computed in float32.
 
+**Importance and pruning** (:mod:`bora_lab.methods.budget`): sensitivity ``I = |w · ∂L/∂w|`` of every
+entry of P, λ, Q (AdaLoRA eq. 8), smoothed ``Ī`` (eq. 9) and uncertainty ``Ū`` (eq. 10), entry score
+``Ī·Ū`` (eq. 11), triplet score ``s(λ_i) + mean_j s(P_ji) + mean_j s(Q_ij)`` (eq. 7), cubic global
+budget. ``mask_style`` chooses how a pruned ``λ_i`` is held at zero:
+
+* ``"forward"`` (default): ``λ ⊙ mask`` in the forward; a pruned triplet gets no gradient.
+* ``"peft"``: PEFT 0.21.2 / official code, the paper's truncation of the updated ``Λ̃`` (eq. 6):
+  ``λ`` is zeroed in place after the step at each allocation (and every final-phase step), keeps
+  its gradient and can regrow between allocations; importance stops one step before the final
+  phase; ties at the threshold are all pruned. With ``orth_reg="peft"`` and
+  ``alpha = lora_alpha · r / (r + 1e-5)`` (PEFT divides by ``r + 1e-5``) the sensitivities, scores
+  and masks equal PEFT's step by step (``tests/test_fidelity_adalora_schedule.py``).
+
+PEFT's ``AdaLoraConfig`` fields map to ours as ``init_r → rank``, ``target_r → target_rank``,
+``tinit → round(warmup_frac · total_steps)``, ``tfinal → max(1, round(final_frac · total_steps))``
+(ours always has a final step), ``deltaT → mask_interval``, ``beta1/beta2 → beta1/beta2``,
+``total_step → total_steps`` of ``after_step``, ``lora_alpha → alpha`` (see above).
+
 Trainer contract (see :mod:`bora_lab.methods.budget`): after ``optimizer.step()`` and before
 ``zero_grad()`` call ``after_step(step, total_steps)``; add ``regularization_loss()`` to the loss
 before ``backward``. Without ``after_step`` no rank is ever pruned and AdaLoRA is a plain SVD-form
@@ -36,6 +54,7 @@ from torch import Tensor, nn
 
 from .base import AdapterLinear, combined_weight
 from .budget import (
+    MASK_STYLES,
     BudgetConfig,
     PrunableDiagonal,
     Sensitivity,
@@ -76,11 +95,18 @@ class AdaLoRAConfig(BudgetConfig):
                 "averaged over layers; peft = PEFT / official code, unsquared Frobenius norms averaged "
                 "over the P and Q matrices (PEFT's default weight: 0.5)",
         "choices": list(ORTH_REGS)})
+    mask_style: str = field(default="forward", metadata={
+        "help": "how pruned singular values stay zero: forward = λ⊙mask in the forward, a pruned triplet "
+                "gets no gradient; peft = PEFT / official code (paper eq. 6): λ zeroed in place after the "
+                "step at each allocation, keeps its gradient and may regrow in between",
+        "choices": list(MASK_STYLES)})
 
     def __post_init__(self):
         super().__post_init__()
         if self.orth_reg not in ORTH_REGS:
             raise ValueError(f"orth_reg must be one of {ORTH_REGS}, got {self.orth_reg!r}")
+        if self.mask_style not in MASK_STYLES:
+            raise ValueError(f"mask_style must be one of {MASK_STYLES}, got {self.mask_style!r}")
 
 
 @register("adalora", AdaLoRAConfig)
@@ -102,7 +128,7 @@ class AdaLoRALinear(AdapterLinear):
                                              cfg.init_std))  # Q: (r, in)
         self.lora_B = nn.Parameter(gaussian_(torch.empty(self.out_features, cfg.rank, device=w.device, dtype=w.dtype),
                                              cfg.init_std))  # P: (out, r)
-        self.lora_E = PrunableDiagonal(cfg.rank, w)  # λ: (r,)
+        self.lora_E = PrunableDiagonal(cfg.rank, w, mask_in_forward=cfg.mask_style == "forward")  # λ: (r,)
         self._sens = Sensitivity(cfg.beta1, cfg.beta2)
         self._allocator = allocator_for(cfg)
         self._allocator.add(self)

@@ -3,10 +3,11 @@
 Both methods write their update with a diagonal ``Λ = diag(λ)`` of trainable "singular values"
 between two factors, and prune entries of ``λ`` whose triplet is unimportant:
 
-* sensitivity of a tensor entry ``I = |p · ∂L/∂p|``, smoothed ``Ī ← β1 Ī + (1-β1) I`` and its
-  uncertainty ``Ū ← β2 Ū + (1-β2) |I - Ī|``; the entry's score is ``Ī · Ū`` (AdaLoRA eq. 7-8);
+* sensitivity of a tensor entry ``I = |p · ∂L/∂p|`` (AdaLoRA eq. 8), smoothed
+  ``Ī ← β1 Ī + (1-β1) I`` (eq. 9) and its uncertainty ``Ū ← β2 Ū + (1-β2) |I - Ī|`` (eq. 10);
+  the entry's score is ``Ī · Ū`` (eq. 11);
 * the score of triplet ``i`` is the score of ``λ_i`` plus the mean score of the factor entries tied
-  to ``i`` (AdaLoRA eq. 9; LoRA2 eq. 9 applies it to its two small ``k×r`` factors);
+  to ``i`` (AdaLoRA eq. 7; LoRA2 eq. 9 applies it to its two small ``k×r`` factors);
 * a cubic budget schedule (warm-up at the initial budget, cubic decrease, final phase at the
   target budget with the rank pattern frozen) decides how many triplets stay.
 
@@ -23,6 +24,24 @@ that share a config form one allocation group: :func:`allocator_for` returns one
 :class:`RankAllocator` per config object. The first ``after_step`` of a step updates and prunes the
 whole group, later calls with the same ``step`` return at once. The allocator holds the layers
 (deep copies of a model copy the group along with it).
+
+**Mask styles** (``mask_style`` of the config; configs without that option, LoRA2's, use
+``"forward"``). Both prune to the same budgets on the same steps (checked against PEFT 0.21.2's
+``RankAllocator.budget_schedule`` in ``tests/test_fidelity_adalora_schedule.py``):
+
+* ``"forward"`` (default): the mask multiplies ``λ`` in the forward, so a pruned triplet gets no
+  gradient: its ``λ`` stays 0 and its importance only decays until an allocation re-selects it. The
+  importance is updated on every step up to and including the one that freezes the pattern.
+* ``"peft"``: Hugging Face PEFT 0.21.2 (``AdaLoraModel.update_and_allocate``) and the official
+  AdaLoRA code, i.e. the paper's truncation ``Λ⁽ᵗ⁺¹⁾ = T(Λ̃⁽ᵗ⁾, S⁽ᵗ⁾)`` (AdaLoRA eq. 6) of the
+  gradient-updated ``Λ̃``: ``λ`` enters the forward as is and pruned entries are zeroed in place
+  after the optimizer step, at every allocation of the pruning phase (every ``mask_interval``
+  steps) and on every step of the final phase. A pruned ``λ`` keeps its gradient, so its
+  sensitivity stays live and between two allocations (``mask_interval > 1``) it regrows. The
+  importance is last updated on the step before the final phase (PEFT: ``global_step <
+  total_step - tfinal``), and the allocation prunes every triplet whose score is ``<=`` the
+  ``(n - budget)``-th smallest score (``torch.kthvalue``), so ties at the threshold are all pruned
+  (``"forward"`` keeps exactly ``budget`` triplets, ``torch.topk``).
 """
 from __future__ import annotations
 
@@ -35,6 +54,8 @@ import torch
 from torch import Tensor, nn
 
 from .base import AdapterConfig
+
+MASK_STYLES = ("forward", "peft")
 
 
 @dataclass
@@ -87,6 +108,13 @@ def budget_schedule(step: int, total_steps: int, init_budget: int, target_budget
     Returns:
         ``(budget, phase)`` with phase ``"warmup"``, ``"prune"`` or ``"final"``. From step
         ``total_steps - final_steps`` on, the budget is exactly ``target_budget``.
+
+    PEFT's names: ``init_budget = init_r · n_layers``, ``target_budget = target_r · n_layers``,
+    ``warmup_steps = tinit``, ``final_steps = tfinal``, ``total_steps = total_step``. The budget
+    equals PEFT's on every step whenever PEFT accepts the config (``tinit < total_step - tfinal``;
+    checked in ``tests/test_fidelity_adalora_schedule.py``). Step ``total_step - tfinal`` itself is
+    PEFT's last cubic step (coefficient 0, budget ``target``) and the step where
+    ``AdaLoraModel.update_and_allocate`` forces the final mask: our first ``"final"`` step.
     """
     end = total_steps - final_steps
     if step >= end:
@@ -119,16 +147,19 @@ class PrunableDiagonal(nn.Module):
 
     ``mask`` is a persistent bool buffer; pruned entries of ``λ`` are also set to zero, so a file
     holding only the trainable tensors (``save_adapter``) keeps the pruned function.
+    ``mask_in_forward=False`` (mask style ``"peft"``) returns ``λ`` as is: the mask then acts only
+    through the in-place zeroing of :meth:`keep` and :meth:`enforce` (PEFT's ``masked_fill_``).
     """
 
-    def __init__(self, rank: int, like: Tensor):
+    def __init__(self, rank: int, like: Tensor, mask_in_forward: bool = True):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(rank, device=like.device, dtype=like.dtype))  # (r,)
         self.register_buffer("mask", torch.ones(rank, dtype=torch.bool, device=like.device))
+        self.mask_in_forward = mask_in_forward
         self.history: list[tuple[int, int]] = []  # (step, remaining rank) after every after_step
 
     def forward(self) -> Tensor:
-        return self.weight * self.mask  # (r,)
+        return self.weight * self.mask if self.mask_in_forward else self.weight  # (r,)
 
     @torch.no_grad()
     def keep(self, keep: Tensor) -> None:
@@ -146,7 +177,12 @@ class PrunableDiagonal(nn.Module):
 
 
 class Sensitivity:
-    """Smoothed sensitivity ``Ī`` and uncertainty ``Ū`` of named tensors (AdaLoRA eq. 7-8), in fp32."""
+    """Smoothed sensitivity ``Ī`` and uncertainty ``Ū`` of named tensors, in fp32 (AdaLoRA eqs. 8-11).
+
+    ``I = |p · ∂L/∂p|`` (eq. 8), ``Ī ← β1 Ī + (1-β1) I`` (eq. 9), ``Ū ← β2 Ū + (1-β2) |I − Ī|``
+    with the *new* ``Ī`` (eq. 10), entry score ``s = Ī · Ū`` (eq. 11); both averages start at 0.
+    ``p`` is read after ``optimizer.step()``, as PEFT's ``RankAllocator.update_ipt`` does.
+    """
 
     def __init__(self, beta1: float, beta2: float):
         self.beta1, self.beta2 = beta1, beta2
@@ -176,7 +212,8 @@ class Sensitivity:
         return self.avg[name] * self.unc[name]
 
     def triplet_scores(self, diag: Tensor, row_factor: Tensor, col_factor: Tensor) -> Tensor:
-        """Score of triplet ``i``: ``s(λ_i) + mean_j s(row_factor[i, j]) + mean_j s(col_factor[j, i])``."""
+        """Score of triplet ``i`` (AdaLoRA eq. 7):
+        ``s(λ_i) + mean_j s(row_factor[i, j]) + mean_j s(col_factor[j, i])``."""
         return (self.score("diag", diag) + self.score("row", row_factor).mean(dim=1)
                 + self.score("col", col_factor).mean(dim=0))  # (r,)
 
@@ -190,6 +227,9 @@ class RankAllocator:
 
     def __init__(self, cfg: BudgetConfig):
         self.cfg = cfg
+        self.style = getattr(cfg, "mask_style", "forward")  # see "Mask styles" in the module docstring
+        if self.style not in MASK_STYLES:
+            raise ValueError(f"mask_style must be one of {MASK_STYLES}, got {self.style!r}")
         self.layers: list[nn.Module] = []
         self.last_step: int | None = None
         self.frozen = False  # True once the final phase fixed the rank pattern
@@ -217,38 +257,56 @@ class RankAllocator:
         if not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"after_step needs the planned number of optimizer steps, got total_steps={total_steps!r}")
         self.last_step = step
-        if not self.frozen:
+        budgets, phase = self.budgets(step, total_steps)
+        peft = self.style == "peft"
+        if not self.frozen and not (peft and phase == "final"):  # peft: last update before the final phase
             seen = [lay.update_importance() for lay in self.layers]
             if not any(seen) and not self._warned:
                 self._warned = True
                 warnings.warn("rank allocation found no gradients: call after_step() after optimizer.step() "
                               "and before optimizer.zero_grad()", RuntimeWarning, stacklevel=3)
-        budgets, phase = self.budgets(step, total_steps)
         if (phase == "prune" and step % self.cfg.mask_interval == 0) or (phase == "final" and not self.frozen):
-            self._allocate(budgets)
+            self._allocate(budgets)  # keep() zeroes the pruned λ
         if phase == "final":
             self.frozen = True
         for lay in self.layers:
-            lay.lora_E.enforce()
+            if not peft or phase == "final":  # peft: between allocations a pruned λ may regrow
+                lay.lora_E.enforce()
             lay.lora_E.history.append((int(step), lay.lora_E.remaining()))
 
     def _allocate(self, budgets: list[int]) -> None:
         scores = [lay.triplet_scores().float().cpu() for lay in self.layers]
         if self.cfg.allocation == "global":
-            flat = torch.cat(scores)
-            keep = torch.zeros(flat.numel(), dtype=torch.bool)
-            keep[torch.topk(flat, min(budgets[0], flat.numel())).indices] = True
+            keep = keep_mask(torch.cat(scores), budgets[0], self.style)
             for lay, k in zip(self.layers, keep.split([s.numel() for s in scores])):
                 lay.lora_E.keep(k)
             return
         for lay, s, b in zip(self.layers, scores, budgets):
-            keep = torch.zeros(s.numel(), dtype=torch.bool)
-            keep[torch.topk(s, min(b, s.numel())).indices] = True
-            lay.lora_E.keep(keep)
+            lay.lora_E.keep(keep_mask(s, b, self.style))
 
     def reg_scale(self) -> float:
         """``orth_reg_weight / n_layers``: summing every layer's term gives the weighted layer mean."""
         return self.cfg.orth_reg_weight / max(1, len(self.layers))
+
+
+def keep_mask(scores: Tensor, budget: int, style: str = "forward") -> Tensor:
+    """Which triplets stay (bool, shaped like the 1-D ``scores``) under a budget of ``budget``.
+
+    ``"forward"``: exactly ``min(budget, n)`` triplets, the highest scores (``torch.topk``; ties
+    broken arbitrarily). ``"peft"``: PEFT's ``mask_to_budget``: prune every score ``<=`` the
+    ``(n - budget)``-th smallest (``torch.kthvalue``), so tied scores at the threshold are all
+    pruned and fewer than ``budget`` may stay; ``budget >= n`` keeps all (PEFT's ``kthvalue`` with
+    ``k = 0`` would raise).
+    """
+    n = scores.numel()
+    budget = max(0, min(int(budget), n))
+    if style == "peft":
+        if budget == n:
+            return torch.ones(n, dtype=torch.bool)
+        return scores > torch.kthvalue(scores, n - budget).values
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[torch.topk(scores, budget).indices] = True
+    return keep
 
 
 _GROUPS: weakref.WeakValueDictionary[int, RankAllocator] = weakref.WeakValueDictionary()

@@ -7,23 +7,11 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 from .accumulator import SCHEMA_VERSION
-from .layer_store import LayerStore
-
-
-def _clean(obj: Any) -> Any:
-    """Strict JSON: NaN/inf floats become None (JSON has no NaN)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
+from .layer_store import LayerStore, json_safe
 
 
 def _csv_rows(results: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
@@ -58,7 +46,7 @@ def save_results(results: dict[str, Any], out_dir: str | Path, weights: dict[str
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(_clean(results), indent=1, allow_nan=False))
+    (out / "results.json").write_text(json.dumps(json_safe(results), indent=1, allow_nan=False))
     (out / "config.json").write_text(json.dumps(results.get("config", {}), indent=1))
     header, rows = _csv_rows(results)
     with open(out / "steps.csv", "w", newline="") as f:

@@ -30,14 +30,14 @@ LAYERS_DIR = "layers"
 _STEP_FILE = re.compile(r"^step_(\d+)\.safetensors$")
 
 
-def _json_safe(obj: Any) -> Any:
-    """Strict JSON: NaN/inf become None (inspect() may report an infinite SQNR)."""
+def json_safe(obj: Any) -> Any:
+    """Strict JSON: NaN/inf floats become None (JSON has no NaN; inspect() may report an infinite SQNR)."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 
@@ -142,7 +142,7 @@ class LayerStore:
                 mods = list(self._deltas[run_id][step])
                 save_file({m: np.ascontiguousarray(self.delta(run_id, step, m)) for m in mods},
                           str(folder / f"step_{step}.safetensors"))
-                info = _json_safe(self._info[run_id].get(step, {}))
+                info = json_safe(self._info[run_id].get(step, {}))
                 (folder / f"step_{step}.json").write_text(json.dumps(info, allow_nan=False))
         return root
 
