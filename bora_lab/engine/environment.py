@@ -23,6 +23,16 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _torch_version() -> str | None:
+    """torch's own version string, with its build label (``2.13.0+cpu``, ``2.14.1+cu130``), which the
+    distribution metadata may leave out: the build matters for comparing numbers."""
+    try:
+        import torch
+    except ImportError:
+        return _version("torch")
+    return torch.__version__
+
+
 def git_commit(path: Path | None = None) -> dict[str, Any] | None:
     """``{"commit": sha, "dirty": bool}`` of the checkout holding ``path`` (default: this package), else None."""
     where = Path(path or Path(__file__).resolve().parents[2])
@@ -64,7 +74,7 @@ def environment(device: Any = "cpu", num_threads: int | None = None) -> dict[str
         "git": git_commit(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "packages": {name: _version(name) for name in PACKAGES},
+        "packages": {**{name: _version(name) for name in PACKAGES}, "torch": _torch_version()},
         "device": str(device),
         "device_name": device_name(device),
         "num_threads": num_threads,
