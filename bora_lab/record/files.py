@@ -6,7 +6,10 @@ that ``bora_lab.figures.report_html`` renders, if they want one.
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,17 @@ def _csv_rows(results: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]
     return header, rows
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``: a reader (History,
+    while the app checkpoints a run) or a crash mid-write never sees a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8", newline="")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def save_results(results: dict[str, Any], out_dir: str | Path, weights: dict[str, Any] | None = None,
                  layers: LayerStore | None = None, figures_html: str | None = None) -> Path:
     """Write a comparison to ``out_dir``.
@@ -38,7 +52,7 @@ def save_results(results: dict[str, Any], out_dir: str | Path, weights: dict[str
     ``eval_<metric>`` where an eval happened at that step), ``figures.html`` when ``figures_html``
     is given (``bora_lab.figures.report_html(results)``), and with ``weights`` (``ComparisonDone.weights``)
     ``weights/<run_id>/weights_start.safetensors`` and ``weights_end.safetensors`` keyed by module name,
-    and with ``layers`` (``ComparisonDone.layers``) the layer checkpoints under ``layers/``
+    and with ``layers`` (``ResultsAccumulator.layers``) the layer checkpoints under ``layers/``
     (:mod:`bora_lab.record.layer_store`).
 
     Returns:
@@ -46,13 +60,14 @@ def save_results(results: dict[str, Any], out_dir: str | Path, weights: dict[str
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(json_safe(results), indent=1, allow_nan=False))
-    (out / "config.json").write_text(json.dumps(results.get("config", {}), indent=1))
+    _write_atomic(out / "results.json", json.dumps(json_safe(results), indent=1, allow_nan=False))
+    _write_atomic(out / "config.json", json.dumps(results.get("config", {}), indent=1))
     header, rows = _csv_rows(results)
-    with open(out / "steps.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=header, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_atomic(out / "steps.csv", buffer.getvalue())
     if weights:
         from safetensors.torch import save_file
 
@@ -65,7 +80,7 @@ def save_results(results: dict[str, Any], out_dir: str | Path, weights: dict[str
     if layers:
         layers.save(out)
     if figures_html is not None:
-        (out / "figures.html").write_text(figures_html, encoding="utf-8")
+        _write_atomic(out / "figures.html", figures_html)
     return out
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -128,8 +129,20 @@ class LayerStore:
 
     # -- files ---------------------------------------------------------------------------------
     def save(self, run_folder: str | Path) -> Path:
-        """Write every checkpoint under ``<run_folder>/layers/`` (layout in the module docstring)."""
+        """Write every checkpoint under ``<run_folder>/layers/`` (layout in the module docstring).
+
+        Checkpoints never change once recorded, so files already there are kept (a running
+        comparison is flushed every few seconds); new ones are written beside and renamed into
+        place, so a reader or a crash never meets a half-written file.
+        """
         from safetensors.numpy import save_file
+
+        def atomic(path: Path, write) -> None:
+            if path.exists():
+                return
+            tmp = path.with_name(f".{path.name}.tmp")
+            write(tmp)
+            os.replace(tmp, path)
 
         root = Path(run_folder) / LAYERS_DIR
         for run_id in self.run_ids():
@@ -137,13 +150,14 @@ class LayerStore:
             folder.mkdir(parents=True, exist_ok=True)
             if run_id in self._w0:
                 mods = list(self._w0[run_id])
-                save_file({m: np.ascontiguousarray(self.w0(run_id, m)) for m in mods}, str(folder / "w0.safetensors"))
+                atomic(folder / "w0.safetensors", lambda t, r=run_id, ms=mods: save_file(
+                    {m: np.ascontiguousarray(self.w0(r, m)) for m in ms}, str(t)))
             for step in self.steps(run_id):
                 mods = list(self._deltas[run_id][step])
-                save_file({m: np.ascontiguousarray(self.delta(run_id, step, m)) for m in mods},
-                          str(folder / f"step_{step}.safetensors"))
                 info = json_safe(self._info[run_id].get(step, {}))
-                (folder / f"step_{step}.json").write_text(json.dumps(info, allow_nan=False))
+                atomic(folder / f"step_{step}.json", lambda t, i=info: t.write_text(json.dumps(i, allow_nan=False)))
+                atomic(folder / f"step_{step}.safetensors", lambda t, r=run_id, st=step, ms=mods: save_file(
+                    {m: np.ascontiguousarray(self.delta(r, st, m)) for m in ms}, str(t)))
         return root
 
     @classmethod
