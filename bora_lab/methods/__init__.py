@@ -27,7 +27,7 @@ from .peft_export import export_peft
 from .registry import METHODS, available, config_fields, info, register
 
 # The registry lines: one import per method module.
-from . import full, lora, dora, bora, adapter, prompts, simple  # noqa: E402,F401  isort:skip
+from . import full, lora, dora, bora, adapter, prompts, prefix, simple  # noqa: E402,F401  isort:skip
 from . import lora2, adalora, pissa, asylora, vera  # noqa: E402,F401  isort:skip
 from . import qlora, mora, sbora  # noqa: E402,F401  isort:skip
 
