@@ -35,7 +35,7 @@ def _n_tokens_field(default: int = 20, what: str = "virtual tokens n prepended t
 
 def _position_field():
     return field(default="auto", metadata={
-        "help": "where the prompt goes: auto (after [CLS] for encoders, at the start for decoders)",
+        "help": "where the prompt goes: auto (after [CLS] for encoders, at the start for decoders); start is PEFT's placement",
         "choices": ["auto", "start", "after_first"]})
 
 
@@ -46,7 +46,7 @@ class PromptConfig(AdapterConfig):
     num_virtual_tokens: int = _n_tokens_field()
     position: str = _position_field()
     init: str = field(default="vocab", metadata={
-        "help": "vocab: copies of random token embeddings (Lester et al.); random: N(0, std of the embeddings)",
+        "help": "vocab: copies of random token embeddings (Lester et al.); random: N(0, std of the embeddings) (PEFT's default is N(0, 1))",
         "choices": ["vocab", "random"]})
 
 
@@ -57,7 +57,7 @@ class PTuningConfig(AdapterConfig):
     num_virtual_tokens: int = _n_tokens_field()
     position: str = _position_field()
     encoder: str = field(default="lstm", metadata={
-        "help": "prompt encoder: lstm (2-layer bidirectional LSTM + MLP, as the paper) or mlp",
+        "help": "prompt encoder: lstm (2-layer bidirectional LSTM + MLP, as the paper) or mlp (PEFT's default, layer for layer)",
         "choices": ["lstm", "mlp"]})
     encoder_hidden: int = field(default=128, metadata={
         "help": "hidden size of the prompt encoder", "min": 1, "max": 4096})
