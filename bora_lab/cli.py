@@ -333,7 +333,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
         bar.close()
     results = acc.results
-    save_results(results, out, weights=weights, layers=acc.layers,
+    save_results(results, out, weights=weights, layers=acc.layers, adapters=acc.adapters,
                  figures_html=None if args.no_html else report_html(results))
     print(format_table(results_table(results)))
     extra = f"; overheads: analysis {_overhead(results)}" if results.get("runs") else ""

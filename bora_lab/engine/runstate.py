@@ -40,6 +40,9 @@ DIVERGED_WINDOW, DIVERGED_MEAN_FACTOR = 10, 100.0
 # Layer checkpoints (W0, ΔW in float16) of one run stay under this many bytes: with more analysed
 # modules than fit, an evenly spaced subset of them is checkpointed.
 LAYER_CHECKPOINT_BYTES = 64 * 2**20
+# A run's trained tensors (adapter + head) are kept in its folder up to this size; full fine-tuning
+# of a whole model (tens of MB) is not.
+ADAPTER_SAVE_BYTES = 32 * 2**20
 
 
 class NonFiniteLoss(ArithmeticError):
@@ -200,6 +203,7 @@ class RunState:
         self.counts = methods.trainable_summary(model)
         self.targets = list(getattr(model, "bora_lab_config", {}).get("target_modules", []))
         self.first_loss: float | None = None
+        self.steps_done = 0  # optimizer steps taken
         self.recent_losses: collections.deque[float] = collections.deque(maxlen=DIVERGED_WINDOW)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(cfg.seed)  # every run gets the same dropout stream, in any schedule
@@ -252,6 +256,7 @@ class RunState:
                 torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
             self.optimizer.step()
             self.schedule.step()
+            self.steps_done = step
             for m in self.hook_modules:  # before zero_grad: AdaLoRA/LoRA2 score importance from the gradients
                 m.after_step(step, self.cfg.steps)
             self.optimizer.zero_grad(set_to_none=True)
@@ -308,6 +313,23 @@ class RunState:
             info[name] = m.inspect() if callable(getattr(m, "inspect", None)) else {}
         w0 = {n: self._layer_w0[n].to("cpu", torch.float16).numpy() for n, _ in modules} if first else None
         return deltas, info, w0, time.perf_counter() - t0
+
+    @torch.no_grad()
+    def adapter_state(self) -> tuple[dict[str, Tensor] | None, str | None]:
+        """``(tensors, reason)``: the trainable parameters and the adapter modules' persistent buffers
+        (CPU copies), enough to rebuild the trained model from the pristine one; ``(None, why)`` when
+        they pass ``ADAPTER_SAVE_BYTES`` (full fine-tuning trains the whole model)."""
+        tensors = {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        owners = [n for n, m in self.model.named_modules() if isinstance(m, methods.AdapterLinear)
+                  or n.rsplit(".", 1)[-1].startswith("bora_")]
+        for name, buf in self.model.state_dict().items():
+            if name not in tensors and any(name.startswith(o + ".") for o in owners) and ".base." not in name:
+                tensors[name] = buf.detach().cpu().clone()
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        if size > ADAPTER_SAVE_BYTES:
+            return None, (f"{size / 2**20:.0f} MB of trained tensors (more than {ADAPTER_SAVE_BYTES // 2**20} MB): "
+                          f"{self.method} trains most of the model, so it is not kept")
+        return tensors, None
 
     @torch.no_grad()
     def weights(self) -> dict[str, Tensor]:

@@ -37,6 +37,7 @@ import torch
 from .. import methods
 from ..config import RunConfig
 from ..record.events import (
+    AdapterState,
     Analysis,
     Cancelled,
     ComparisonDone,
@@ -214,10 +215,17 @@ def _cancel(ctx: _Context, alive: dict[str, Iterator]) -> Iterator[Event]:
         state = ctx.states.get(rid)
         if ctx.cfg.export_weights and state is not None:
             ctx.weights.setdefault(rid, {})["end"] = state.weights()
+        if state is not None:
+            yield _adapter_event(rid, state)
         gen.close()  # runs the generator's cleanup (frees the model)
         yield RunFinished(rid, "cancelled")
     yield Cancelled("cancelled by the user; results so far are kept")
     yield ComparisonDone("cancelled", time.perf_counter() - ctx.t0, weights=ctx.weights)
+
+
+def _adapter_event(run_id: str, state: RunState) -> AdapterState:
+    tensors, reason = state.adapter_state()
+    return AdapterState(run_id, state.steps_done, tensors, dict(getattr(state.model, "bora_lab_config", {})), reason)
 
 
 def _drive(ctx: _Context, run_id: str, method: str, rank: int) -> Iterator[Any]:
@@ -267,6 +275,7 @@ def _drive(ctx: _Context, run_id: str, method: str, rank: int) -> Iterator[Any]:
             yield _TICK
         if cfg.export_weights and state.analysed:
             ctx.weights.setdefault(run_id, {})["end"] = state.weights()
+        yield _adapter_event(run_id, state)
         yield RunFinished(run_id, "done")
     except Exception as err:  # noqa: BLE001 - NaN, OOM or a method bug stops this run only
         message, status = describe_error(err, step=None if isinstance(err, NonFiniteLoss) else step)
@@ -298,5 +307,5 @@ def run(cfg: RunConfig, cancel: threading.Event | None = None, on_event: Callabl
         if isinstance(ev, ComparisonDone):
             weights = ev.weights
     if out_dir is not None:
-        save_results(acc.results, out_dir, weights=weights, layers=acc.layers)
+        save_results(acc.results, out_dir, weights=weights, layers=acc.layers, adapters=acc.adapters)
     return acc.results

@@ -64,6 +64,7 @@ class ResultsAccumulator:
         }
         self._index = {r["run_id"]: r for r in runs}
         self.layers = LayerStore()  # the LayerCheckpoint events' arrays (not part of the JSON results)
+        self.adapters: dict[str, Any] = {}  # run id -> its AdapterState event (tensors, not JSON)
 
     def run(self, run_id: str) -> dict[str, Any]:
         """The entry of ``run_id`` (created on the fly for ids outside the config)."""
@@ -96,6 +97,11 @@ class ResultsAccumulator:
         elif kind == "layer_checkpoint" and _get(event, "deltas") is not None:  # to_dict() forms carry no arrays
             self.layers.add(_get(event, "run_id"), _get(event, "step"), _get(event, "deltas"), _get(event, "info"),
                             w0=_get(event, "w0"))
+        elif kind == "adapter_state":
+            if _get(event, "tensors") is not None or _get(event, "reason"):  # to_dict() forms carry no tensors
+                self.adapters[_get(event, "run_id")] = event
+            self.run(_get(event, "run_id"))["adapter"] = (
+                {"step": _get(event, "step"), "saved": _get(event, "tensors") is not None, "reason": _get(event, "reason")})
         elif kind in ("run_started", "step", "eval", "analysis", "run_finished", "error"):
             self._update_run(self.run(_get(event, "run_id")), kind, event)
         return res

@@ -108,6 +108,24 @@ class Progress(Event):
 
 
 @dataclass
+class AdapterState(Event):
+    """A run's trained tensors at its end (done or cancelled): trainable parameters and the adapter
+    modules' buffers (masks, pruned ranks), on the CPU. Not JSON: ``to_dict()`` gives names and sizes.
+    ``tensors`` is None when the run trains too much of the model to keep (see ``reason``)."""
+
+    run_id: str
+    step: int
+    tensors: dict[str, Any] | None
+    config: dict[str, Any]  # the model's ``bora_lab_config`` (method, options, targets, head)
+    reason: str | None = None
+    kind: str = field(init=False, default="adapter_state")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "run_id": self.run_id, "step": self.step, "reason": self.reason,
+                "tensors": {k: list(v.shape) for k, v in (self.tensors or {}).items()}}
+
+
+@dataclass
 class RunFinished(Event):
     run_id: str
     status: str  # "done", "cancelled", "nan", "oom" or "error" (the accumulator adds the summary)

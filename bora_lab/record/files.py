@@ -43,8 +43,29 @@ def _write_atomic(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+ADAPTERS_DIR = "adapters"
+
+
+def save_adapters(adapters: dict[str, Any], out_dir: str | Path) -> None:
+    """``adapters/<run_id>/adapter.safetensors`` (trained tensors) and ``adapter_config.json`` (method,
+    options, targets, head, step) for every run's ``AdapterState`` that kept its tensors."""
+    from safetensors.torch import save_file
+
+    for run_id, ev in adapters.items():
+        folder = Path(out_dir) / ADAPTERS_DIR / run_id
+        folder.mkdir(parents=True, exist_ok=True)
+        if ev.tensors is not None:
+            tmp = folder / ".adapter.safetensors.tmp"
+            save_file({k: v.contiguous() for k, v in ev.tensors.items()}, str(tmp))
+            os.replace(tmp, folder / "adapter.safetensors")
+        _write_atomic(folder / "adapter_config.json", json.dumps(json_safe(
+            {"run_id": run_id, "step": ev.step, "saved": ev.tensors is not None, "reason": ev.reason,
+             **ev.config}), indent=1, default=str))
+
+
 def save_results(results: dict[str, Any], out_dir: str | Path, weights: dict[str, Any] | None = None,
-                 layers: LayerStore | None = None, figures_html: str | None = None) -> Path:
+                 layers: LayerStore | None = None, figures_html: str | None = None,
+                 adapters: dict[str, Any] | None = None) -> Path:
     """Write a comparison to ``out_dir``.
 
     Files: ``results.json`` (the results dict), ``config.json`` (the RunConfig), ``steps.csv``
@@ -52,7 +73,9 @@ def save_results(results: dict[str, Any], out_dir: str | Path, weights: dict[str
     ``eval_<metric>`` where an eval happened at that step), ``figures.html`` when ``figures_html``
     is given (``bora_lab.figures.report_html(results)``), and with ``weights`` (``ComparisonDone.weights``)
     ``weights/<run_id>/weights_start.safetensors`` and ``weights_end.safetensors`` keyed by module name,
-    and with ``layers`` (``ResultsAccumulator.layers``) the layer checkpoints under ``layers/``
+    with ``adapters`` (``ResultsAccumulator.adapters``) each run's trained tensors under ``adapters/``
+    (:func:`save_adapters`; reload with ``bora_lab.engine.reload.load_run``), and with ``layers``
+    (``ResultsAccumulator.layers``) the layer checkpoints under ``layers/``
     (:mod:`bora_lab.record.layer_store`).
 
     Returns:
@@ -79,6 +102,8 @@ def save_results(results: dict[str, Any], out_dir: str | Path, weights: dict[str
                     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / f"weights_{when}.safetensors"))
     if layers:
         layers.save(out)
+    if adapters:
+        save_adapters(adapters, out)
     if figures_html is not None:
         _write_atomic(out / "figures.html", figures_html)
     return out

@@ -192,7 +192,7 @@ class Job:
         if self.interrupted:
             results["status"], results["message"] = "interrupted", "the server stopped; the steps so far are kept"
         try:
-            save_results(results, self.out_dir, layers=self.acc.layers,  # + layers/ for "Inside a layer"
+            save_results(results, self.out_dir, layers=self.acc.layers, adapters=self.acc.adapters,
                          figures_html=report_html(results))
             self.saved = True
         except Exception as err:

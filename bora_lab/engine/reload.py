@@ -1,0 +1,70 @@
+"""Rebuild a trained run from its folder: the pristine model, the method, and the saved tensors.
+
+    from bora_lab.engine.reload import load_run
+    run = load_run("runs/20261203-...", "dora-r8")
+    run.model(**batch).logits      # the model as it was at the end of training (eval mode)
+
+The folder keeps only what training changed (``adapters/<run_id>/adapter.safetensors``: the adapter,
+the trained head, the adapter modules' buffers); the base is rebuilt from the model id of
+``config.json`` exactly as the engine built it (same seed, same head initialisation, same adapter
+initialisation), then the tensors are loaded over it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import RunConfig
+from ..record.files import ADAPTERS_DIR
+from .pipeline import Pipeline
+from .runstate import RunState, pick_device
+from .tasks import load_task
+from .trainer import make_pipeline
+
+
+@dataclass
+class LoadedRun:
+    """A trained run, rebuilt: ``model`` (eval mode), the ``pipeline`` (tokenizer, eval data), its config."""
+
+    run_id: str
+    model: torch.nn.Module
+    pipeline: Pipeline
+    cfg: RunConfig
+    adapter_config: dict[str, Any]
+
+
+def load_run(run_dir: str | Path, run_id: str, device: str = "cpu") -> LoadedRun:
+    """The model of ``run_id`` as it was at the end of its training.
+
+    Raises:
+        FileNotFoundError: the folder has no saved tensors for that run.
+        ValueError: the run's tensors were not kept (the reason is given), or do not fit the model.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(run_dir)
+    meta_path = folder / ADAPTERS_DIR / run_id / "adapter_config.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"no saved adapter for run {run_id!r} in {folder.name}")
+    meta = json.loads(meta_path.read_text())
+    if not meta.get("saved"):
+        raise ValueError(f"run {run_id!r} kept no tensors: {meta.get('reason')}")
+    cfg = RunConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    specs = {rid: (method, rank) for rid, method, rank in cfg.run_specs()}
+    if run_id not in specs:
+        raise ValueError(f"run {run_id!r} is not in this comparison; runs: {', '.join(specs)}")
+    method, rank = specs[run_id]
+    pipeline = make_pipeline(cfg, load_task(cfg))
+    state = RunState(run_id, method, rank, cfg, pipeline, pick_device(device), None)
+    tensors = load_file(str(folder / ADAPTERS_DIR / run_id / "adapter.safetensors"))
+    result = state.model.load_state_dict(tensors, strict=False)
+    trained = {n for n, p in state.model.named_parameters() if p.requires_grad}
+    if result.unexpected_keys or trained - set(tensors):
+        raise ValueError(f"the saved tensors do not fit {method!r} on {cfg.model!r}: unexpected "
+                         f"{result.unexpected_keys[:3]}, missing {sorted(trained - set(tensors))[:3]}")
+    model = state.model.eval()
+    return LoadedRun(run_id, model, pipeline, cfg, meta)

@@ -1,0 +1,81 @@
+"""Every run keeps what it trained: reloading a run folder gives the model as it was at the end."""
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+
+from bora_lab import api
+from bora_lab.config import RunConfig
+from bora_lab.engine import runstate
+from bora_lab.engine.reload import load_run
+
+BASE = dict(ranks=[4], num_layers=2, steps=4, batch_size=4, max_length=24, eval_samples=8, eval_every=4,
+            analyze_every=2, num_threads=1)
+
+
+@pytest.fixture
+def end_logits(monkeypatch):
+    """Logits of each run's model on the pipeline's first eval batch, taken just before it is freed."""
+    seen: dict[str, torch.Tensor] = {}
+    close = runstate.RunState.close
+
+    def record(self):
+        if hasattr(self, "model"):
+            seen[self.run_id] = _logits(self.model, self.pipeline)
+        close(self)
+
+    monkeypatch.setattr(runstate.RunState, "close", record)
+    return seen
+
+
+@torch.no_grad()
+def _logits(model, pipeline) -> torch.Tensor:
+    was = model.training
+    model.eval()
+    try:
+        batch = next(iter(pipeline.train_batches))
+        batch = {k: v for k, v in batch.items() if k != "labels"}
+        return model(**batch).logits.detach().clone()
+    finally:
+        model.train(was)
+
+
+@pytest.mark.parametrize("methods", [["lora", "dora", "bora"], ["adalora", "vera", "mora"], ["bitfit", "prefix"]])
+def test_reloaded_runs_give_the_end_of_training_logits(tmp_path, end_logits, methods):
+    results = api.run(RunConfig(methods=methods, **BASE), out_dir=tmp_path, html=False)
+    assert all(r["adapter"]["saved"] for r in results["runs"])
+    for run in results["runs"]:
+        loaded = load_run(tmp_path, run["run_id"])
+        torch.testing.assert_close(_logits(loaded.model, loaded.pipeline), end_logits[run["run_id"]],
+                                   atol=1e-6, rtol=1e-6)
+        meta = json.loads((tmp_path / "adapters" / run["run_id"] / "adapter_config.json").read_text())
+        assert meta["method"] == run["method"] and meta["step"] == 4
+
+
+def test_adapters_are_small_and_full_model_is_not_kept(tmp_path):
+    results = api.run(RunConfig(methods=["lora", "full_model"], **{**BASE, "steps": 1, "eval_every": 1}),
+                      out_dir=tmp_path, html=False)
+    runs = {r["run_id"]: r for r in results["runs"]}
+    size = (tmp_path / "adapters" / "lora-r4" / "adapter.safetensors").stat().st_size
+    assert size < 2 * 2**20  # the adapter and the head, not the base (MiniLM is ~90 MB)
+    assert not runs["full_model"]["adapter"]["saved"] and "not kept" in runs["full_model"]["adapter"]["reason"]
+    with pytest.raises(ValueError, match="kept no tensors"):
+        load_run(tmp_path, "full_model")
+
+
+def test_a_cancelled_run_keeps_what_it_has(tmp_path, end_logits):
+    cancel = threading.Event()
+
+    def on_event(ev):
+        if ev.kind == "step" and ev.step == 2:
+            cancel.set()
+
+    cfg = RunConfig(methods=["lora"], **{**BASE, "steps": 50, "eval_every": 50, "analyze_every": 25})
+    results = api.run(cfg, cancel=cancel, on_event=on_event, out_dir=tmp_path, html=False)
+    run = results["runs"][0]
+    assert run["status"] == "cancelled" and run["adapter"] == {"step": 2, "saved": True, "reason": None}
+    loaded = load_run(tmp_path, "lora-r4")
+    torch.testing.assert_close(_logits(loaded.model, loaded.pipeline), end_logits["lora-r4"], atol=1e-6, rtol=1e-6)
