@@ -5,6 +5,7 @@
     bora-lab compare --task austen_lm --methods lora,bora --steps 10
     bora-lab compare --config runs/<run>/config.json --seed 1   # a saved configuration, one flag changed
     bora-lab list                          # methods and tasks
+    bora-lab predict runs/<run> --run dora-r8 "Great coffee, would buy again"   # a trained run, on text
     bora-lab app                           # the Gradio app
 
 The ``compare`` flags are generated from ``RunConfig``'s fields. Flags left out take the ``--config``
@@ -162,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--no-html", action="store_true", help="skip figures.html")
     add("--quiet", action="store_true", help="no progress output")
     sub.add_parser("list", help="list the methods and tasks", description="List the methods and tasks.")
+    pr = sub.add_parser("predict", help="what a trained run says about some text",
+                        description="Rebuild a run of a saved comparison (its adapters/ folder) and classify, "
+                        "score or continue each TEXT.")
+    pr.add_argument("run_dir", metavar="RUN_DIR", help="a comparison's folder (what `compare --out` wrote)")
+    pr.add_argument("texts", metavar="TEXT", nargs="+", help="one or more texts")
+    pr.add_argument("--run", required=True, metavar="ID", help="the run id, e.g. dora-r8 (see results.json)")
+    pr.add_argument("--max-new-tokens", type=int, default=30, help="causal LM: tokens to generate (default: 30)")
+    pr.add_argument("--json", action="store_true", help="print JSON instead of a table")
     app = sub.add_parser("app", help="open the app (same as `python app.py`)",
                          description="Serve the Gradio app on http://127.0.0.1:7860 "
                          "(GRADIO_SERVER_NAME, GRADIO_SERVER_PORT change it).")
@@ -364,6 +373,26 @@ def default_out_dir() -> str:
                         f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}")
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .engine.reload import load_run, predict
+
+    if not 1 <= args.max_new_tokens <= 1024:
+        raise ValueError(f"--max-new-tokens must be between 1 and 1024, got {args.max_new_tokens}")
+    out = predict(load_run(args.run_dir, args.run), args.texts, args.max_new_tokens)
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return EXIT_OK
+    for row in out:
+        if "probabilities" in row:
+            probs = ", ".join(f"{k} {v:.3f}" for k, v in row["probabilities"].items())
+            print(f"{row['label']:<10} ({probs})  {row['text']}")
+        elif "value" in row:
+            print(f"{row['value']:<10.4g} {row['text']}")
+        else:
+            print(f"{row['text']} -> {row['continuation']}")
+    return EXIT_OK
+
+
 def cmd_app(args: argparse.Namespace) -> int:
     from .ui.layout import build_demo, launch
 
@@ -378,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_OK
     try:
-        return {"list": cmd_list, "app": cmd_app, "compare": cmd_compare}[args.command](args)
+        return {"list": cmd_list, "app": cmd_app, "compare": cmd_compare, "predict": cmd_predict}[args.command](args)
     except BrokenPipeError:  # `bora-lab list | head`: the reader left; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK

@@ -79,3 +79,29 @@ def test_a_cancelled_run_keeps_what_it_has(tmp_path, end_logits):
     assert run["status"] == "cancelled" and run["adapter"] == {"step": 2, "saved": True, "reason": None}
     loaded = load_run(tmp_path, "lora-r4")
     torch.testing.assert_close(_logits(loaded.model, loaded.pipeline), end_logits["lora-r4"], atol=1e-6, rtol=1e-6)
+
+
+def test_cli_predict_uses_the_trained_run(tmp_path, capsys):
+    from bora_lab.cli import main
+
+    api.run(RunConfig(methods=["lora"], **{**BASE, "steps": 2, "eval_every": 2}), out_dir=tmp_path, html=False)
+    texts = ["Great coffee, would buy again.", "Stale and overpriced."]
+    assert main(["predict", str(tmp_path), "--run", "lora-r4", "--json", *texts]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["text"] for r in rows] == texts
+    for r in rows:
+        assert set(r["probabilities"]) == {"great", "other"} and r["label"] in ("great", "other")
+        assert abs(sum(r["probabilities"].values()) - 1) < 1e-6
+    assert main(["predict", str(tmp_path), "--run", "lora-r4", texts[0]]) == 0
+    assert texts[0] in capsys.readouterr().out
+    assert main(["predict", str(tmp_path), "--run", "nope-r1", "x"]) == 2
+    assert "no saved adapter for run 'nope-r1'" in capsys.readouterr().err
+
+
+def test_predict_refuses_a_task_without_text(tmp_path):
+    from bora_lab.engine.reload import predict
+
+    api.run(RunConfig(task="synthetic_col", methods=["lora"], ranks=[2], steps=2, eval_every=2, analyze_every=2),
+            out_dir=tmp_path, html=False)
+    with pytest.raises(ValueError, match="takes no text"):
+        predict(load_run(tmp_path, "lora-r2"), ["hello"])

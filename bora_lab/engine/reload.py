@@ -68,3 +68,38 @@ def load_run(run_dir: str | Path, run_id: str, device: str = "cpu") -> LoadedRun
                          f"{result.unexpected_keys[:3]}, missing {sorted(trained - set(tensors))[:3]}")
     model = state.model.eval()
     return LoadedRun(run_id, model, pipeline, cfg, meta)
+
+
+@torch.no_grad()
+def predict(run: LoadedRun, texts: list[str], max_new_tokens: int = 30) -> list[dict[str, Any]]:
+    """What the trained run says about each text.
+
+    Classification: ``{"text", "label", "probabilities": {label: p}}``; regression: ``{"text",
+    "value"}``; causal LM: ``{"text", "continuation"}`` (greedy, ``max_new_tokens``).
+
+    Raises:
+        ValueError: the run's task has no text (the synthetic weight-recovery tasks).
+    """
+    task = getattr(run.pipeline, "task", None)
+    tokenizer = getattr(run.pipeline, "tokenizer", None)
+    if task is None or tokenizer is None or task.kind not in ("classification", "regression", "causal_lm"):
+        raise ValueError(f"run {run.run_id!r} was trained on {run.cfg.task!r}, which takes no text")
+    device = next(run.model.parameters()).device
+    if task.kind == "causal_lm":
+        out = []
+        for text in texts:  # one at a time: no padding side to worry about
+            ids = tokenizer(text, return_tensors="pt").to(device)
+            gen = run.model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)
+            out.append({"text": text, "continuation": tokenizer.decode(gen[0, ids["input_ids"].shape[1]:],
+                                                                       skip_special_tokens=True)})
+        return out
+    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=run.cfg.max_length,
+                    return_tensors="pt").to(device)
+    logits = run.model(**enc).logits.float()
+    if task.kind == "regression":
+        return [{"text": t, "value": float(v)} for t, v in zip(texts, logits[:, 0])]
+    names = task.label_names or [str(i) for i in range(logits.shape[-1])]
+    probs = logits.softmax(-1)
+    return [{"text": t, "label": names[int(p.argmax())], "probabilities": dict(zip(names, map(float, p)))}
+            for t, p in zip(texts, probs)]
