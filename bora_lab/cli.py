@@ -6,6 +6,7 @@
     bora-lab compare --config runs/<run>/config.json --seed 1   # a saved configuration, one flag changed
     bora-lab list                          # methods and tasks
     bora-lab predict runs/<run> --run dora-r8 "Great coffee, would buy again"   # a trained run, on text
+    bora-lab export runs/<run> --run bora-r8 --format merged --out merged/   # a plain transformers model
     bora-lab app                           # the Gradio app
 
 The ``compare`` flags are generated from ``RunConfig``'s fields. Flags left out take the ``--config``
@@ -171,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--run", required=True, metavar="ID", help="the run id, e.g. dora-r8 (see results.json)")
     pr.add_argument("--max-new-tokens", type=int, default=30, help="causal LM: tokens to generate (default: 30)")
     pr.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ex = sub.add_parser("export", help="save a trained run as a PEFT adapter or a plain merged model",
+                        description="Rebuild a run of a saved comparison and save it as a PEFT adapter (lora, "
+                        "rslora, dora) or as a merged transformers model (every mergeable method, and bitfit, "
+                        "head, features, full_model), loadable without BoRA Lab.")
+    ex.add_argument("run_dir", metavar="RUN_DIR", help="a comparison's folder (what `compare --out` wrote)")
+    ex.add_argument("--run", required=True, metavar="ID", help="the run id, e.g. bora-r8 (see results.json)")
+    ex.add_argument("--format", choices=["merged", "peft"], default="merged",
+                    help="merged: save_pretrained of the merged model (default); peft: PeftModel.from_pretrained")
+    ex.add_argument("--out", required=True, metavar="DIR", help="output folder")
     app = sub.add_parser("app", help="open the app (same as `python app.py`)",
                          description="Serve the Gradio app on http://127.0.0.1:7860 "
                          "(GRADIO_SERVER_NAME, GRADIO_SERVER_PORT change it).")
@@ -393,6 +403,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .engine.reload import export_merged, export_peft, load_run
+
+    run = load_run(args.run_dir, args.run)
+    out = (export_peft if args.format == "peft" else export_merged)(run, args.out)
+    print(f"saved {args.run} ({run.adapter_config.get('method')}) as {args.format} to {out}")
+    return EXIT_OK
+
+
 def cmd_app(args: argparse.Namespace) -> int:
     from .ui.layout import build_demo, launch
 
@@ -407,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_OK
     try:
-        return {"list": cmd_list, "app": cmd_app, "compare": cmd_compare, "predict": cmd_predict}[args.command](args)
+        return {"list": cmd_list, "app": cmd_app, "compare": cmd_compare, "predict": cmd_predict,
+                "export": cmd_export}[args.command](args)
     except BrokenPipeError:  # `bora-lab list | head`: the reader left; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK

@@ -105,3 +105,50 @@ def test_predict_refuses_a_task_without_text(tmp_path):
             out_dir=tmp_path, html=False)
     with pytest.raises(ValueError, match="takes no text"):
         predict(load_run(tmp_path, "lora-r2"), ["hello"])
+
+
+@pytest.mark.parametrize("method", ["lora", "bora", "qlora", "bitfit"])
+def test_merged_export_loads_without_bora_lab_and_gives_the_same_logits(tmp_path, method):
+    from transformers import AutoModelForSequenceClassification
+
+    from bora_lab.engine.reload import export_merged
+
+    api.run(RunConfig(methods=[method], **{**BASE, "steps": 2, "eval_every": 2}), out_dir=tmp_path / "run", html=False)
+    run_id = f"{method}-r4" if method != "bitfit" else "bitfit"
+    loaded = load_run(tmp_path / "run", run_id)
+    reference = _logits(loaded.model, loaded.pipeline)
+    export_merged(loaded, tmp_path / "merged")
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert not any("Adapter" in type(m).__name__ for m in plain.modules())
+    torch.testing.assert_close(_logits(plain, loaded.pipeline), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_peft_export_of_a_saved_run_and_methods_without_a_merged_form(tmp_path):
+    import copy
+
+    peft = pytest.importorskip("peft")
+    from bora_lab.engine.reload import export_merged, export_peft
+
+    api.run(RunConfig(methods=["dora", "prefix"], **{**BASE, "steps": 2, "eval_every": 2}), out_dir=tmp_path / "run",
+            html=False)
+    loaded = load_run(tmp_path / "run", "dora-r4")
+    reference = _logits(loaded.model, loaded.pipeline)
+    export_peft(loaded, tmp_path / "peft")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(loaded.pipeline.pristine()), tmp_path / "peft").eval()
+    torch.testing.assert_close(_logits(theirs, loaded.pipeline), reference, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="no merged export"):
+        export_merged(load_run(tmp_path / "run", "prefix"), tmp_path / "merged")
+
+
+def test_cli_export(tmp_path, capsys):
+    from bora_lab.cli import main
+
+    api.run(RunConfig(methods=["lora", "prompt"], **{**BASE, "steps": 1, "eval_every": 1}), out_dir=tmp_path / "run",
+            html=False)
+    assert main(["export", str(tmp_path / "run"), "--run", "lora-r4", "--out", str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / "config.json").is_file() and "as merged" in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "run"), "--run", "prompt", "--out", str(tmp_path / "p")]) == 2
+    assert "no merged export" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "run"), "--run", "lora-r4", "--format", "peft", "--out",
+                 str(tmp_path / "peft")]) == 0
+    assert (tmp_path / "peft" / "adapter_config.json").is_file()

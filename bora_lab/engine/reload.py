@@ -103,3 +103,53 @@ def predict(run: LoadedRun, texts: list[str], max_new_tokens: int = 30) -> list[
     probs = logits.softmax(-1)
     return [{"text": t, "label": names[int(p.argmax())], "probabilities": dict(zip(names, map(float, p)))}
             for t, p in zip(texts, probs)]
+
+
+# model-level methods that only change existing parameters in place: the model is already a plain one
+_PLAIN_AFTER_TRAINING = ("bitfit", "head", "features", "full_model")
+
+
+@torch.no_grad()
+def export_merged(run: LoadedRun, out_dir: str | Path) -> Path:
+    """Save the trained run as a plain ``transformers`` model (``save_pretrained`` + tokenizer), loadable
+    with ``AutoModelFor...`` without BoRA Lab: every wrapped layer becomes an ``nn.Linear`` holding its
+    merged weight ``effective_weight()``.
+
+    Raises:
+        ValueError: the method adds modules or inputs that no plain model has (Houlsby adapters, prompt,
+            P-tuning and prefix tuning), or the model stores its layers as GPT-2 ``Conv1D``.
+    """
+    from torch import nn
+
+    from .. import methods
+    from ..methods.whole_model import adapter_layers
+
+    method = run.adapter_config.get("method")
+    info = methods.info(method)
+    if not (info["mergeable"] or method in _PLAIN_AFTER_TRAINING):
+        raise ValueError(f"{method!r} adds modules or inputs that a plain model does not have: no merged export "
+                         "(it changes the input or adds layers, not the weights)")
+    model = run.model
+    for name, layer in list(adapter_layers(model)):
+        if type(layer.base).__name__ == "Conv1D" or type(model.get_submodule(name)).__name__ == "Conv1D":
+            raise ValueError("merged export of GPT-2-style Conv1D layers is not supported")
+        w, b = layer.effective_weight(), layer.bias
+        plain = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+        plain.weight.copy_(w)
+        if b is not None:
+            plain.bias.copy_(b)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, plain)
+    for attr in ("bora_lab_config",):
+        model.__dict__.pop(attr, None)
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    run.pipeline.tokenizer.save_pretrained(out)
+    return out
+
+
+def export_peft(run: LoadedRun, out_dir: str | Path) -> Path:
+    """Save the trained run as a PEFT adapter (``PeftModel.from_pretrained``); lora, rslora, dora."""
+    from ..methods import export_peft as to_peft
+
+    return to_peft(run.model, out_dir, base_model_name_or_path=run.cfg.model)
