@@ -29,6 +29,7 @@ import threading
 import time
 from typing import Any
 
+from .cli_output import Progress, format_table, overhead, threads_text
 from .config import RunConfig, default_of, settings
 
 EXIT_OK, EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 130
@@ -229,69 +230,6 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig(**{**task_defaults(chosen.get("task", RunConfig.task)), **chosen})
 
 
-class Progress:
-    """Progress on stderr: a tqdm bar on a terminal; in a log (stderr not a terminal) one plain line at
-    the first step, then every 10% of the steps or every 30 s, and at the end, never ``\\r`` frames."""
-
-    def __init__(self, enabled: bool, stream: Any = None):
-        self.stream = stream or sys.stderr
-        self.enabled, self.bar, self.last_t, self.last_pct = enabled, None, 0.0, -1
-        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
-
-    def update(self, done: int, total: int, eta: float) -> None:
-        if not self.enabled:
-            return
-        if self.tty:
-            if self.bar is None:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=total, unit="step", file=self.stream, dynamic_ncols=True)
-            self.bar.total = total
-            self.bar.update(done - self.bar.n)
-            return
-        now, pct = time.monotonic(), int(10 * done / max(total, 1))
-        if self.last_pct < 0 or pct > self.last_pct or now - self.last_t >= 30 or done >= total:
-            self.last_t, self.last_pct = now, pct
-            self.stream.write(f"{done}/{total} steps ({100 * done / max(total, 1):.0f}%), ETA {eta:.0f}s\n")
-            self.stream.flush()
-
-    def line(self, text: str) -> None:
-        """A message on its own line, without breaking the bar."""
-        if self.bar is not None:
-            self.bar.write(text, file=self.stream)
-        else:
-            self.stream.write(text + "\n")
-            self.stream.flush()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """Plain-text table of ``record.results_table`` rows."""
-    if not rows:
-        return "(no runs)"
-
-    def cell(v: Any) -> str:
-        if v is None:
-            return "-"
-        if isinstance(v, bool):
-            return str(v)
-        if isinstance(v, int):
-            return f"{v:,}"
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v)
-
-    cols = list(rows[0])
-    text = [[cell(r.get(c)) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(t[i]) for t in text)) for i, c in enumerate(cols)]
-    fmt = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))
-    return "\n".join([fmt(cols), fmt(["-" * w for w in widths]), *(fmt(t) for t in text)])
-
-
 def cmd_list(args: argparse.Namespace | None = None) -> int:
     from . import methods
     from .engine.tasks import TASKS
@@ -331,7 +269,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         for ev in compare(cfg, cancel):
             acc.update(ev)
             if ev.kind == "comparison_started" and not args.quiet:
-                bar.line(f"training {len(cfg.run_ids())} run(s) on {ev.device}: {_threads_text(acc.results)}")
+                bar.line(f"training {len(cfg.run_ids())} run(s) on {ev.device}: {threads_text(acc.results)}")
             elif ev.kind == "progress":
                 bar.update(ev.done_steps, ev.total_steps, ev.eta_s)
                 if time.monotonic() - last_flush >= CHECKPOINT_S:  # a crash leaves a readable partial run
@@ -355,25 +293,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     save_results(results, out, weights=weights, layers=acc.layers, adapters=acc.adapters,
                  figures_html=None if args.no_html else report_html(results))
     print(format_table(results_table(results)))
-    extra = f"; overheads: analysis {_overhead(results)}" if results.get("runs") else ""
+    extra = f"; overheads: analysis {overhead(results)}" if results.get("runs") else ""
     print(f"\n{results['status']} in {results.get('elapsed_s') or 0:.0f}s on {results.get('device')}, "
-          f"{_threads_text(results)} ({'lockstep' if results.get('lockstep') else 'sequential'}){extra}; "
+          f"{threads_text(results)} ({'lockstep' if results.get('lockstep') else 'sequential'}){extra}; "
           f"saved to {out}")
     if cancel.is_set():
         return EXIT_CANCELLED
     return EXIT_RUN_FAILED if failed else EXIT_OK
-
-
-def _threads_text(results: dict) -> str:
-    """``"2 CPU threads (auto: ...)"``, or the device's note on a GPU."""
-    n, why = results.get("num_threads"), results.get("threads_reason") or ""
-    return f"{n} CPU thread{'s' if n != 1 else ''} ({why})" if n else why
-
-
-def _overhead(results: dict) -> str:
-    vals = [r["summary"].get("analysis_overhead_pct") for r in results["runs"] if r.get("summary")]
-    vals = [v for v in vals if v is not None]
-    return f"{max(vals):.1f}% of step time (max over runs)" if vals else "n/a"
 
 
 def default_out_dir() -> str:

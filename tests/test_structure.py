@@ -9,6 +9,7 @@ Layers, bottom to top (a module may import its own package and any lower layer):
     4  engine                            models, tasks, the one training loop (emits record events)
     5  figures, teach                    plotly figures of a record; lessons, cards, memory bill
     6  ui, api                           the Gradio app; the one-import Python API
+    6  cli_output                        what the command line prints (progress, the results table)
     7  cli                               the command line (its `app` command opens the ui)
 
 Checked on the source text (``ast``), so every import counts, including those inside functions.
@@ -24,7 +25,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "bora_lab"
 LAYERS = {"data": 0, "limits": 0, "analysis": 1, "methods": 1, "config": 2, "record": 3, "engine": 4, "figures": 5,
-          "teach": 5, "ui": 6, "api": 6, "cli": 7, "__main__": 8, "__init__": 0}
+          "teach": 5, "ui": 6, "api": 6, "cli_output": 6, "cli": 7, "__main__": 8, "__init__": 0}
 
 
 def _unit(module: str) -> str:
