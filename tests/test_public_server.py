@@ -236,6 +236,7 @@ def _cli_run(tmp_path, *extra):
 
     threading.Thread(target=watch, daemon=True).start()
     assert seen.wait(90), "no progress within 90 s"
+    time.sleep(0.5)  # every run past its first step (lockstep), as test_cli's Ctrl-C test
     return proc
 
 
