@@ -29,7 +29,7 @@ import threading
 import time
 from typing import Any
 
-from .cli_output import Progress, format_table, overhead, threads_text
+from .cli_output import Progress, format_table, overhead, threads_text, verdict_lines
 from .config import RunConfig, default_of, settings
 
 EXIT_OK, EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 130
@@ -55,6 +55,13 @@ def _ints(text: str) -> list[int]:
         return [int(t) for t in _csv(text)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(t) for t in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _value(text: str) -> Any:
@@ -95,6 +102,8 @@ def _arg_type(f) -> Any:
     kind = str(f.type)
     if kind.startswith("list[int]"):
         return _ints
+    if kind.startswith("list[float]"):
+        return _floats
     if kind.startswith("list[str]"):
         return _csv
     if kind.startswith("int"):
@@ -161,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--sequential", action="store_true", help="run one method after another instead of in lockstep "
         "(same numbers, less memory)")
     add("--export-weights", action="store_true", help="save the merged analysed weights at the start and the end")
+    add("--lr-auto", action="store_true", default=None, help="sweep each method's suggested learning rate /3, x1, x3 and report "
+        "each method at its best rate on the validation split (needs --val-samples)")
     add("--out", help="output folder (default: $BORA_LAB_RUNS/<time>-<random>, else runs/<time>-<random>)")
     add("--no-html", action="store_true", help="skip figures.html")
     add("--quiet", action="store_true", help="no progress output")
@@ -225,6 +236,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         given["lockstep"] = False
     if args.export_weights:
         given["export_weights"] = True
+    if args.lr_auto:
+        given["lr_auto"] = True
     saved = read_config_file(args.config) if getattr(args, "config", None) else {}
     chosen = {**saved, **given}
     return RunConfig(**{**task_defaults(chosen.get("task", RunConfig.task)), **chosen})
@@ -253,6 +266,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     validate(cfg)
+    if not args.quiet:
+        from .engine.estimate import cost_text
+
+        print(f"cost: {cost_text(cfg, cfg.device)}", flush=True)
     # the same folder the app's History tab lists, so CLI runs show up there
     out = args.out or default_out_dir()
     cancel = threading.Event()
@@ -269,7 +286,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         for ev in compare(cfg, cancel):
             acc.update(ev)
             if ev.kind == "comparison_started" and not args.quiet:
-                bar.line(f"training {len(cfg.run_ids())} run(s) on {ev.device}: {threads_text(acc.results)}")
+                runs = len(acc.results["runs"])
+                bar.line(f"training {runs} run(s) on {ev.device}: {threads_text(acc.results)}")
+                for row in (ev.matched or {}).get("table", []):
+                    bar.line(f"  matched to {ev.matched['reference']}-r{row['reference_rank']} "
+                             f"({row['reference_params']:,} params): {row['method']}-r{row['rank']} ({row['params']:,})")
             elif ev.kind == "progress":
                 bar.update(ev.done_steps, ev.total_steps, ev.eta_s)
                 if time.monotonic() - last_flush >= CHECKPOINT_S:  # a crash leaves a readable partial run
@@ -293,6 +314,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     save_results(results, out, weights=weights, layers=acc.layers, adapters=acc.adapters,
                  figures_html=None if args.no_html else report_html(results))
     print(format_table(results_table(results)))
+    print(verdict_lines(results))
     extra = f"; overheads: analysis {overhead(results)}" if results.get("runs") else ""
     print(f"\n{results['status']} in {results.get('elapsed_s') or 0:.0f}s on {results.get('device')}, "
           f"{threads_text(results)} ({'lockstep' if results.get('lockstep') else 'sequential'}){extra}; "

@@ -80,3 +80,22 @@ def overhead(results: dict) -> str:
     vals = [r["summary"].get("analysis_overhead_pct") for r in results["runs"] if r.get("summary")]
     vals = [v for v in vals if v is not None]
     return f"{max(vals):.1f}% of step time (max over runs)" if vals else "n/a"
+
+
+def verdict_lines(results: dict) -> str:
+    """Every method against the baseline, in words (and the per-seed table when there are several seeds)."""
+    from .record.aggregate import aggregate_rows, has_repeats, headline
+
+    agg = headline(results)
+    lines = []
+    if has_repeats(results):
+        seeds = len(agg.get("seeds") or [None])
+        tuned = ", each method at its chosen learning rate" if "aggregate_tuned" in results else ""
+        lines += ["", f"Over {seeds} seed{'s' * (seeds > 1)}{tuned} (mean ± 95% half-width):",
+                  format_table(aggregate_rows(results))]
+    verdicts = [(g["key"], g["verdict"], g["vs_baseline"]) for g in agg.get("groups", []) if g.get("verdict")]
+    if verdicts:
+        how = verdicts[0][2]["method"]
+        lines += ["", f"Against {agg['baseline']} on the final evaluation (95% interval; {how}):"]
+        lines += [f"  {key}: {text}" for key, text, _ in verdicts]
+    return "\n".join(lines)

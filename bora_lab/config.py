@@ -58,10 +58,29 @@ class RunConfig:
     alpha: float = setting(16.0, "Alpha", "LoRA scaling numerator, s = alpha / r", MAIN, min=0)
     # 2e-3 already stalls DoRA/BoRA at batch size 8 on fine_foods
     lr: float = setting(1e-3, "Learning rate", "AdamW peak learning rate", MAIN, above=0, max=1e6)
+    match_params: str | None = setting(None, "Match parameters to", "give every method the largest rank whose "
+                                       "adapter parameters do not exceed this method's at each chosen rank (BoRA "
+                                       "paper, table 3); empty = the same rank for all", MAIN)
+    method_ranks: dict[str, list[int]] = setting(None, "Ranks per method", "set by match_params: each method's "
+                                                 "own ranks", None, factory=dict, flag="")
+    lrs: list[float] | None = setting(None, "Learning rates (sweep)", "train every run at each of these rates; "
+                                      "each method is then reported at its best rate on the validation split; "
+                                      "empty = the one rate above", MAIN, above=0, max=1e6,
+                                      cli_help="comma-separated rates, e.g. 3e-4,1e-3,3e-3")
+    lr_auto: bool = setting(False, "Auto learning-rate sweep", "sweep each method's suggested rate /3, x1 "
+                            "and x3 (docs/measured/learning_rates.md) and report each at its best on validation",
+                            MAIN, flag="")
     # defaults sized so lora,dora,bora x 150 steps on MiniLM take < 3 min on 2 CPU cores
     steps: int = setting(150, "Steps", "optimizer steps per run", MAIN, min=1, max=100_000, limit="steps")
     batch_size: int = setting(8, "Batch size", "examples per step", MAIN, min=1, max=1024, limit="batch_size")
     seed: int = setting(0, "Seed", "same seed, initial head and batch order for every run", MAIN, min=0, max=2**32 - 1)
+    seeds: list[int] | None = setting(None, "Seeds", "repeat every run with each seed (adapter and head "
+                                      "initialisation, data order, dropout; all methods share them within a seed) "
+                                      "and report means with 95% intervals; empty = the one seed above", MAIN,
+                                      min=0, max=2**32 - 1, cli_help="comma-separated seeds, e.g. 0,1,2")
+    baseline: str | None = setting(None, "Baseline", "the method (or run group, e.g. lora-r8) every other is "
+                                   "compared with, paired on seeds and test examples; empty = lora, else the first",
+                                   MAIN)
     # fine_foods reviews: median 69 tokens; 48 gains ~1% accuracy and costs 20% time
     max_length: int = setting(40, "Max tokens", "tokens per example", TRAINING, min=1, max=8192, limit="max_length")
     num_layers: int | None = setting(None, "Layers kept", "keep only the first N transformer layers (fewer = faster "
@@ -81,8 +100,15 @@ class RunConfig:
     eval_samples: int = setting(200, "Eval examples", "test examples per evaluation, a fixed seeded subset; "
                                 "0 = the whole test split", TRAINING, min=0, max=1_000_000,
                                 limit="eval_samples")
+    val_samples: int = setting(0, "Validation examples", "carved from the training data (seeded, stratified by "
+                               "class), evaluated with every evaluation; the best checkpoint is chosen on it, "
+                               "the reported numbers stay on the test examples; 0 = none", TRAINING, min=0,
+                               max=1_000_000, limit="eval_samples")
     lockstep: bool = setting(True, "Lockstep", "advance all runs one step at a time, so curves grow together",
                              TRAINING, flag="", cli_help="")
+    engine: str = setting("auto", "Engine", "shared: runs of layer-level methods share one frozen base and step "
+                          "as one batch (same numbers, faster); per_copy: one model copy per run; auto: shared "
+                          "when two or more runs can", TRAINING, choices=("auto", "shared", "per_copy"))
     device: str = setting("auto", "Device", "auto = cuda, then mps, then cpu", TRAINING, choices=DEVICES)
     target_modules: list[str] | None = setting(None, "Target modules", "modules to adapt; empty = the "
                                                "architecture's default (BERT: query, key, value, dense)", MODULES,
@@ -109,12 +135,20 @@ class RunConfig:
     def __post_init__(self):
         if self.num_layers == 0:  # the app's and CLI's "0 = all"
             self.num_layers = None
+        if not self.seeds:
+            self.seeds = None
+        elif not isinstance(self.seeds, list) or any(isinstance(s, bool) or not isinstance(s, int) for s in self.seeds):
+            raise SettingError("seeds", f"must be a list of whole numbers, got {self.seeds!r}")
         if not self.methods:
             raise ValueError("select at least one method")
         if not self.ranks or any(isinstance(r, bool) or not isinstance(r, int) for r in self.ranks):
             raise ValueError(f"ranks must be positive integers, got {self.ranks}")
         for f in fields(self):
             check_value(f, getattr(self, f.name))
+        if self.seeds:
+            self.seed = self.seeds[0]  # the comparison's seed: its eval subset, and the one seed of single runs
+        if not self.lrs:
+            self.lrs = None
         self._check_budget()
 
     def _check_budget(self) -> None:
@@ -133,21 +167,46 @@ class RunConfig:
         if self.num_threads > cores:
             raise SettingError("num_threads", f"must be <= {cores} (the cores of this machine; 0 = auto), "
                                f"got {self.num_threads}")
-    def run_specs(self) -> list[tuple[str, str, int]]:
-        """``(run_id, method, rank)`` for every run, methods outer, ranks inner.
+    def run_seeds(self) -> list[int]:
+        """The seeds every run is repeated with: ``seeds``, else ``[seed]``."""
+        return list(dict.fromkeys(self.seeds)) if self.seeds else [self.seed]
 
-        A method without a rank (full fine-tuning, BitFit, prompts...) runs once, as
-        ``(method, method, 0)``, whatever the ranks.
+    def sweeps_lr(self) -> bool:
+        """Whether runs are repeated over learning rates (``lr_auto`` or two or more ``lrs``)."""
+        return self.lr_auto or len(set(self.lrs or [])) > 1
+
+    def run_lrs(self, method: str) -> list[float]:
+        """The learning rates ``method`` trains with: its auto grid, ``lrs``, or ``[lr]``."""
+        if self.lr_auto:
+            from bora_lab.methods.rates import auto_grid
+
+            return auto_grid(method)
+        return list(dict.fromkeys(self.lrs)) if self.lrs else [self.lr]
+
+    def run_plan(self) -> list[tuple[str, str, int, int, float]]:
+        """``(run_id, method, rank, seed, lr)`` for every run: methods outer, then ranks, rates, seeds.
+
+        A method without a rank (full fine-tuning, BitFit, prompts...) runs once per seed and rate, as
+        ``(method, method, 0, seed, lr)``, whatever the ranks. Run ids end in ``-lr<rate>`` when the
+        rates are swept and in ``-s<seed>`` with several seeds (``lora-r8-lr0.001-s1``); else they are
+        ``lora-r8``.
         """
         from bora_lab.methods.registry import METHODS  # late: keep config importable on its own
 
-        specs = []
+        seeds = self.run_seeds()
+        s_tag = (lambda s: f"-s{s}") if len(seeds) > 1 else (lambda s: "")
+        lr_tag = (lambda lr: f"-lr{lr:g}") if self.sweeps_lr() else (lambda lr: "")
+        plan = []
         for m in self.methods:
-            if m in METHODS and not METHODS[m].uses_rank:
-                specs.append((m, m, 0))
-            else:
-                specs.extend((f"{m}-r{r}", m, r) for r in self.ranks)
-        return specs
+            ranks = self.method_ranks.get(m) or self.ranks
+            pairs = [(m, 0)] if m in METHODS and not METHODS[m].uses_rank else [(f"{m}-r{r}", r) for r in ranks]
+            plan.extend((rid + lr_tag(lr) + s_tag(s), m, r, s, lr) for rid, r in pairs
+                        for lr in self.run_lrs(m) for s in seeds)
+        return plan
+
+    def run_specs(self) -> list[tuple[str, str, int]]:
+        """``(run_id, method, rank)`` of :meth:`run_plan`."""
+        return [(rid, m, r) for rid, m, r, *_ in self.run_plan()]
 
     def run_ids(self) -> list[str]:
         """The run ids of :meth:`run_specs` (``"<method>-r<rank>"``, or ``"<method>"`` without a rank)."""

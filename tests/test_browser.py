@@ -164,3 +164,22 @@ def test_compare_three_methods_live_then_stop_keeps_partial_results(page, app_ur
     for p in shots.glob("*.png"):
         shutil.copy(p, out / p.name)
     assert final.stat().st_size > 10_000
+
+
+def test_seeds_show_bands_and_the_forest_plot(page, app_url):
+    """Two seeds: the curves become means with shaded 95% bands, and the forest plot shows dora and bora
+    against lora with their intervals; the table has one row per method with the verdict."""
+    page.get_by_role("tab", name="Compare").click()
+    page.fill("#bl-field-steps input", "4")
+    page.fill("#bl-field-seeds textarea, #bl-field-seeds input", "0, 1")
+    page.click("#bl-run")
+    _wait_status(page, r"Done")
+    legend = [t.text_content() for t in page.locator("#bl-loss .legendtext").all()]
+    assert any("mean of 2 seeds" in t for t in legend), legend
+    assert page.locator("#bl-loss path.js-fill").count() >= 1  # the shaded bands
+    page.wait_for_function("() => document.querySelectorAll('#bl-forest .point').length >= 2")
+    forest_labels = page.inner_text("#bl-forest")
+    assert "dora-r4" in forest_labels and "bora-r4" in forest_labels and "lora-r4" in forest_labels
+    rows = _table_rows(page)
+    assert len(rows) == 3 and any("distinguishable" in r or "than lora" in r for r in rows)
+    _shot(page, app_url[1] / "screenshots", "5_seeds")

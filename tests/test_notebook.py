@@ -49,3 +49,5 @@ def test_notebook_runs_offline_top_to_bottom():
     for run_id in ("lora-r4", "dora-r4", "bora-r4"):
         assert f"{run_id}: asymmetry ratio" in text
     assert "done in" in text and elapsed < 240
+    assert "dora_col-r1: " in text and "better than lora-r1" in text  # the seeds section's known answer
+    assert "rslora-r1: " in text and "not distinguishable from lora-r1" in text

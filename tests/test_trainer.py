@@ -144,19 +144,41 @@ def test_load_results_errors(tmp_path):
 
 
 # ---------------------------------------------------------------- fairness and determinism
+def _flat(x, prefix=""):
+    """Nested dicts/lists/tuples of numbers -> {path: number}."""
+    if isinstance(x, dict):
+        return {k2: v for k, val in x.items() for k2, v in _flat(val, f"{prefix}/{k}").items()}
+    if isinstance(x, (list, tuple)):
+        return {k2: v for i, val in enumerate(x) for k2, v in _flat(val, f"{prefix}/{i}").items()}
+    return {prefix: x}
+
+
+def assert_close_numbers(a, b, rel=1e-4, abs_=1e-6):
+    fa, fb = _flat(a), _flat(b)
+    assert fa.keys() == fb.keys()
+    bad = {k: (fa[k], fb[k]) for k in fa if fa[k] != pytest.approx(fb[k], rel=rel, abs=abs_, nan_ok=True)}
+    assert not bad, f"{len(bad)} numbers differ, e.g. {list(bad.items())[:3]}"
+
+
 def test_same_seed_same_numbers_lockstep_and_sequential(tiny_events):
-    first = _numbers(fold(tiny(), tiny_events).results)
+    first = _numbers(fold(tiny(), tiny_events).results)  # lockstep: the shared-base engine
     again = _numbers(run(tiny()))
+    per_copy = run(tiny(engine="per_copy"))
     sequential = run(tiny(lockstep=False))
     assert again == first
-    assert sequential["lockstep"] is False and _numbers(sequential) == first
+    assert set(per_copy["engines"].values()) == {"engine per_copy was chosen"}
+    assert sequential["lockstep"] is False and _numbers(sequential) == _numbers(per_copy)  # bit for bit
+    assert_close_numbers(_numbers(sequential), first)  # shared vs per-copy: float rounding only
 
 
 # ---------------------------------------------------------------- cancellation
-def test_cancel_keeps_partial_results():
+@pytest.mark.parametrize("engine, steps", [("per_copy", [3, 3, 2]), ("shared", [3, 3, 3])])
+def test_cancel_keeps_partial_results(engine, steps):
+    """Per-copy: the cancel falls between dora's and bora's step 3. Shared: the group had already taken
+    step 3 for all three runs when lora asked for it, so bora's step 3 is reported too."""
     cancel = threading.Event()
     events = []
-    for ev in compare(synthetic(methods=["lora", "dora", "bora"]), cancel):
+    for ev in compare(synthetic(methods=["lora", "dora", "bora"], engine=engine), cancel):
         events.append(ev)
         if ev.kind == "step" and ev.run_id == "dora-r4" and ev.step == 3:
             cancel.set()
@@ -165,9 +187,10 @@ def test_cancel_keeps_partial_results():
     finished = _by(events, "run_finished")
     assert [e.run_id for e in finished] == ["lora-r4", "dora-r4", "bora-r4"]
     assert all(e.status == "cancelled" for e in finished)
-    results = fold(synthetic(methods=["lora", "dora", "bora"]), events).results
+    results = fold(synthetic(methods=["lora", "dora", "bora"], engine=engine), events).results
     assert results["status"] == "cancelled"
-    assert [len(r["history"]) for r in results["runs"]] == [3, 3, 2]  # stopped between steps
+    assert [len(r["history"]) for r in results["runs"]] == steps  # stopped between steps
+    assert [r["adapter"]["step"] for r in results["runs"]] == steps
     assert all(r["status"] == "cancelled" for r in results["runs"])
     assert not [e for e in events[kinds.index("run_finished"):] if e.kind == "step"]
 

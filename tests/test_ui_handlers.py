@@ -210,7 +210,7 @@ def test_run_streams_live_plots_of_every_run_and_saves_them():
     cfg = RunConfig(**TINY)
     outs = drain(tab_compare.run_comparison(session, *values_for(cfg), compare_fn=Fake(delay=0.02)))
     assert len(outs) >= 3  # a first frame, live redraws, the final frame
-    status, progress, loss, metric, md, scatter, table = outs[-1]
+    status, progress, loss, metric, md, scatter, forest, table = outs[-1]
     runs = set(cfg.run_ids())
     assert "Done" in status and "Saved as `" in status and str(visitor.runs_dir()) not in status and "18 / 18 steps" in progress
     assert runs <= {n.split(" ")[0] for n in traces_named(loss)}
@@ -227,7 +227,7 @@ def test_live_frames_skip_plots_that_did_not_change():
     frame = tab_compare.render(session.job, common.stale_plots([Step("lora-r4", 9, 0.1, 1e-3, 0.1, 1.0)]), "from_start")
     assert dict(zip(tab_compare.OUTPUTS, frame)).keys() == set(tab_compare.OUTPUTS)
     assert isinstance(frame[2], go.Figure)
-    assert frame[3] == frame[4] == frame[5] == frame[6] == gr.skip()
+    assert frame[3] == frame[4] == frame[5] == frame[6] == frame[7] == gr.skip()
 
 
 def test_bad_input_raises_a_gradio_error_without_starting():
@@ -254,7 +254,7 @@ def test_nan_run_stops_with_a_warning_and_the_others_finish():
         outs = drain(tab_compare.run_comparison(session, *values_for(RunConfig(**TINY)),
                                          compare_fn=Fake(nan_run="dora-r4")))
     assert any("dora-r4: loss became NaN" in str(w.message) for w in caught)
-    status, table = outs[-1][0], outs[-1][6]
+    status, table = outs[-1][0], outs[-1][7]
     assert "loss became NaN at step 2" in status
     assert dict(zip(table["run"], table["status"])) == {"lora-r4": "done", "dora-r4": "nan", "bora-r4": "done"}
 
@@ -307,11 +307,11 @@ def test_history_lists_reopens_overlays_and_downloads(tmp_path):
     names = [d.name for d in reversed(session.run_dirs)]
     assert list(frame["run folder"]) == names and choices["choices"] == names
     one = tab_history.open_runs(session, False, names[:1], "from the start (t vs 0)")
-    assert list(one[5]["run"]) == RunConfig(**TINY).run_ids()
-    assert {p.rsplit(".", 1)[-1] for p in one[6]} >= {"json", "csv", "html"}
+    assert list(one[6]["run"]) == RunConfig(**TINY).run_ids()
+    assert {p.rsplit(".", 1)[-1] for p in one[7]} >= {"json", "csv", "html"}
     both = tab_history.open_runs(session, False, names, "from the start (t vs 0)")
-    assert len(both[5]) == 6 and any(tab_history.short_label(names[1]) in r for r in both[5]["run"])
-    assert {p.rsplit(".", 1)[-1] for p in both[6]} >= {"json", "csv", "html"}
+    assert len(both[6]) == 6 and any(tab_history.short_label(names[1]) in r for r in both[6]["run"])
+    assert {p.rsplit(".", 1)[-1] for p in both[7]} >= {"json", "csv", "html"}
     with pytest.raises(gr.Error, match="not in your list"):
         tab_history.open_runs(visitor.Session(), False, names[:1], "from the start (t vs 0)")  # another visitor
 
@@ -320,7 +320,7 @@ def test_history_opens_an_uploaded_cli_results_file():
     session = visitor.Session()
     drain(tab_compare.run_comparison(session, *values_for(RunConfig(**TINY)), compare_fn=Fake()))
     out = tab_history.open_upload(visitor.Session(), str(session.run_dirs[-1] / "results.json"), "from the start (t vs 0)")
-    assert "uploaded" in out[0] and len(out[5]) == 3
+    assert "uploaded" in out[0] and len(out[6]) == 3
 
 
 # --------------------------------------------------------------------------- the real trainer

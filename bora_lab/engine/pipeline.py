@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import RunConfig
@@ -29,6 +30,7 @@ class Pipeline(ABC):
 
     task: Task
     train_batches: Any  # a sequence of batches (dicts of tensors), one per step
+    has_validation: bool = False  # a validation split carved from the training data (``val_samples``)
     # torch intra-op threads while training (None: leave as is). Tiny models run much faster on one
     # thread: thread hand-offs cost more than their matmuls, worse still on a shared CPU.
     num_threads: int | None = None
@@ -42,8 +44,15 @@ class Pipeline(ABC):
         """Scalar training loss of ``model`` on ``batch`` (already on the model's device)."""
 
     @abstractmethod
-    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
-        """Metrics on the fixed evaluation set (the task's primary metric among them)."""
+    def evaluate(self, model: nn.Module, device: torch.device, per_example: bool = False, split: str = "test"):
+        """Metrics on the fixed evaluation set (the task's primary metric among them); with
+        ``per_example``, ``(metrics, {"name", "values", "higher_is_better"})``: every eval example's score;
+        ``split="val"``: on the validation split instead."""
+
+    @abstractmethod
+    def losses(self, model: nn.Module, batch: dict[str, Tensor], n: int) -> list[Tensor]:
+        """Per-run losses of a batch repeated ``n`` times (the shared-base engine's step): the
+        ``i``-th is :meth:`loss` of run ``i`` on its ``B`` rows."""
 
     def info(self) -> dict[str, Any]:
         """Task description for ``results["task"]`` (JSON-ready)."""
@@ -66,6 +75,30 @@ def batch_order(n: int, steps: int, batch_size: int, seed: int) -> np.ndarray:
     return order.reshape(steps, batch_size)
 
 
+def split_validation(labels, n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(validation indices, the other indices)``: ``k`` of ``n`` training examples, seeded, and
+    stratified when ``labels`` (class ids) are given: each class keeps its share (largest remainders).
+
+    Raises:
+        ValueError: ``k`` leaves no training example.
+    """
+    if k >= n:
+        raise ValueError(f"val_samples {k} would leave no training example (the training split has {n})")
+    rng = np.random.default_rng(seed + 2)
+    if labels is None:
+        val = rng.permutation(n)[:k]
+    else:
+        labels = np.asarray(labels)
+        classes, counts = np.unique(labels, return_counts=True)
+        exact = k * counts / n
+        quota = np.floor(exact).astype(int)
+        for i in np.argsort(-(exact - quota))[: k - quota.sum()]:
+            quota[i] += 1
+        val = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota)])
+    val = np.sort(val)
+    return val, np.setdiff1d(np.arange(n), val)
+
+
 class LazyBatches:
     """The training batches, collated when iterated (not all ``steps`` of them up front)."""
 
@@ -85,7 +118,7 @@ class LazyBatches:
 class TextPipeline(Pipeline):
     """Classification, regression or causal LM on a ``transformers`` model (see ``models.load_model``)."""
 
-    def __init__(self, cfg: RunConfig, task: Task):
+    def __init__(self, cfg: RunConfig, task: Task, eval_seed: int | None = None):
         from .loading import load_model
 
         self.cfg, self.task = cfg, task
@@ -99,6 +132,13 @@ class TextPipeline(Pipeline):
         self.tokenizer = self.loaded.tokenizer
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         train = task.train
+        self.val_batches: list[dict[str, Tensor]] = []
+        if cfg.val_samples:  # carved before anything else, with the comparison's seed: every seed shares it
+            labels = train["label"] if task.kind == "classification" else None
+            val_idx, rest = split_validation(labels, len(train), cfg.val_samples,
+                                             cfg.seed if eval_seed is None else eval_seed)
+            self.val_batches = self._eval_batches(self._encode(train.select(val_idx.tolist())))
+            train = train.select(rest.tolist())
         if cfg.train_samples and cfg.train_samples < len(train):  # a seeded subset, not the first rows
             keep = np.random.default_rng(cfg.seed).permutation(len(train))[: cfg.train_samples]
             train = train.select(sorted(keep.tolist()))
@@ -107,7 +147,7 @@ class TextPipeline(Pipeline):
         encoded = self._encode(train.select(needed.tolist()))
         pos = {int(i): k for k, i in enumerate(needed)}
         self.train_batches = LazyBatches(order, lambda row: self._collate([encoded[pos[int(i)]] for i in row]))
-        self._build_eval(task.test)
+        self._build_eval(task.test, cfg.seed if eval_seed is None else eval_seed)
 
     # -- data ------------------------------------------------------------------------------------
     def _encode(self, ds) -> list[dict[str, Any]]:
@@ -138,20 +178,30 @@ class TextPipeline(Pipeline):
             batch["labels"] = torch.tensor([e["label"] for e in examples], dtype=dtype)
         return batch
 
-    def _build_eval(self, test) -> None:
-        """A fixed seeded subset of the test split, sorted by length so batches pad little."""
+    def _build_eval(self, test, seed: int) -> None:
+        """A fixed seeded subset of the test split, sorted by length so batches pad little (the same
+        for every seed of a comparison: ``seed`` is the comparison's)."""
         n = len(test)
         k = min(self.cfg.eval_samples or n, n)
-        idx = np.arange(n) if k == n else np.sort(np.random.default_rng(self.cfg.seed + 1).choice(n, k, replace=False))
+        idx = np.arange(n) if k == n else np.sort(np.random.default_rng(seed + 1).choice(n, k, replace=False))
         encoded = self._encode(test.select(idx.tolist()))
-        encoded.sort(key=lambda e: len(e["input_ids"]))
-        size = self.cfg.batch_size if self.task.kind == "causal_lm" else max(self.cfg.batch_size, 32)
-        self.eval_batches = [self._collate(encoded[i:i + size]) for i in range(0, len(encoded), size)]
+        self.eval_batches = self._eval_batches(encoded)
         self.eval_size = len(encoded)
         self.majority_baseline = None
         if self.task.kind == "classification":
             counts = np.bincount([e["label"] for e in encoded])
             self.majority_baseline = float(counts.max() / counts.sum())
+
+    def _eval_batches(self, encoded: list[dict[str, Any]]) -> list[dict[str, Tensor]]:
+        """Evaluation batches, sorted by length so they pad little (the order is fixed: per-example
+        scores line up across runs)."""
+        encoded = sorted(encoded, key=lambda e: len(e["input_ids"]))
+        size = self.cfg.batch_size if self.task.kind == "causal_lm" else max(self.cfg.batch_size, 32)
+        return [self._collate(encoded[i:i + size]) for i in range(0, len(encoded), size)]
+
+    @property
+    def has_validation(self) -> bool:
+        return bool(self.val_batches)
 
     # -- model -----------------------------------------------------------------------------------
     def pristine(self) -> nn.Module:
@@ -166,14 +216,37 @@ class TextPipeline(Pipeline):
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         return model(**batch).loss
 
+    def losses(self, model: nn.Module, batch: dict[str, Tensor], n: int) -> list[Tensor]:
+        """The losses ``transformers`` computes from labels, chunk by chunk (fp32 logits as it does)."""
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        out = []
+        for lg, lb in zip(logits.chunk(n), batch["labels"].chunk(n)):
+            if self.task.kind == "causal_lm":  # token t predicts token t + 1; padding (-100) is ignored
+                out.append(F.cross_entropy(lg[:, :-1].reshape(-1, lg.shape[-1]), lb[:, 1:].reshape(-1),
+                                           ignore_index=-100))
+            elif self.task.kind == "regression":
+                out.append(F.mse_loss(lg.squeeze(), lb.squeeze()))
+            else:
+                out.append(F.cross_entropy(lg.view(-1, lg.shape[-1]), lb.view(-1)))
+        return out
+
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
-        total_loss, count, preds, labels = 0.0, 0, [], []
-        for batch in self.eval_batches:
+    def evaluate(self, model: nn.Module, device: torch.device, per_example: bool = False, split: str = "test"):
+        """Metrics on the test subset (``split="val"``: the validation split); with ``per_example`` also
+        ``{"name", "values", "higher_is_better"}``: each example's correctness (classification: 1/0),
+        squared error (regression) or mean token loss (causal LM), in the fixed order of the split
+        (what paired comparisons resample)."""
+        total_loss, count, preds, labels, token_losses = 0.0, 0, [], [], []
+        for batch in self.eval_batches if split == "test" else self.val_batches:
             batch = to_device(batch, device)
             out = model(**batch)
             if self.task.kind == "causal_lm":
                 n = int((batch["labels"][:, 1:] != -100).sum())  # predicted tokens (labels shift by one)
+                if per_example:
+                    lg, lb = out.logits[:, :-1].float(), batch["labels"][:, 1:]
+                    tok = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100,
+                                          reduction="none").view(lb.shape)
+                    token_losses.append((tok.sum(1) / (lb != -100).sum(1).clamp_min(1)).cpu())
             else:
                 n = len(batch["labels"])
                 logits = out.logits.float()
@@ -185,9 +258,18 @@ class TextPipeline(Pipeline):
         if self.task.kind == "causal_lm":
             from .metrics import perplexity
 
-            return {"perplexity": perplexity(total_loss, count), "loss": mean}
-        metrics = self.task.score(torch.cat(preds).cpu().numpy(), torch.cat(labels).cpu().numpy())
-        return {**metrics, "loss": mean}
+            metrics = {"perplexity": perplexity(total_loss, count), "loss": mean}
+            examples = {"name": "token_loss", "values": torch.cat(token_losses).tolist() if per_example else [],
+                        "higher_is_better": False}
+        else:
+            pred, gold = torch.cat(preds).cpu(), torch.cat(labels).cpu()
+            metrics = {**self.task.score(pred.numpy(), gold.numpy()), "loss": mean}
+            if self.task.kind == "regression":
+                examples = {"name": "squared_error", "values": (pred.float() - gold.float()).square().tolist(),
+                            "higher_is_better": False}
+            else:
+                examples = {"name": "correct", "values": (pred == gold).int().tolist(), "higher_is_better": True}
+        return (metrics, examples) if per_example else metrics
 
     def info(self) -> dict[str, Any]:
         return {**self.task.info(), "model": self.loaded.model_id, "eval_samples": self.eval_size,

@@ -174,12 +174,15 @@ class RunState:
         device: where to train.
         analysis_module: module type to analyse (None = every wrapped layer).
 
+        frozen: a ``shared.FrozenBase``: keep only the run's own modules and share the rest.
+        lr: this run's peak learning rate (default ``cfg.lr``).
+
     Raises:
         ValueError: the method cannot be applied (bad rank, unknown option, no trainable parameters).
     """
 
     def __init__(self, run_id: str, method: str, rank: int, cfg: RunConfig, pipeline: Pipeline,
-                 device: torch.device, analysis_module: str | None):
+                 device: torch.device, analysis_module: str | None, frozen: Any = None, lr: float | None = None):
         self.run_id, self.method, self.rank, self.cfg = run_id, method, rank, cfg
         self.pipeline, self.device = pipeline, device
         self.info = methods.info(method)
@@ -188,11 +191,15 @@ class RunState:
             torch.manual_seed(cfg.seed)
             methods.apply(model, method, rank=rank, alpha=cfg.alpha, target_modules=cfg.target_modules,
                           train_head=cfg.head, **cfg.method_options.get(method, {}))
+        self.own: dict[str, nn.Module] = {}  # shared-base engine: the run's own modules (see engine.shared)
+        if frozen is not None:
+            model, self.own = frozen.rebase(model, device)
         self.model = model.to(device).train()
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError(f"method {method!r} left no trainable parameters in this model")
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.lr = cfg.lr if lr is None else lr  # a learning-rate sweep gives each run its own
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=cfg.weight_decay)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(cfg.steps, cfg.warmup_ratio))
         self.reg_modules = [m for m in model.modules() if callable(getattr(m, "regularization_loss", None))]
         self.hook_modules = [m for m in model.modules() if callable(getattr(m, "after_step", None))]
@@ -238,28 +245,9 @@ class RunState:
                 loss = self.pipeline.loss(self.model, batch)
                 total = loss + sum(m.regularization_loss() for m in self.reg_modules) if self.reg_modules else loss
             value = float(loss.detach())
-            if self.first_loss is None:
-                self.first_loss = value
-            if not math.isfinite(value):
-                raise NonFiniteLoss(f"loss became {'NaN' if math.isnan(value) else 'infinite'} at step {step} "
-                                    f"(lr={lr:.3g}): try a smaller learning rate")
-            self.recent_losses.append(value)
-            recent = sum(self.recent_losses) / len(self.recent_losses)
-            if value > DIVERGENCE_FACTOR * max(1.0, self.first_loss) or (
-                    len(self.recent_losses) == DIVERGED_WINDOW
-                    and recent > DIVERGED_MEAN_FACTOR * max(1.0, self.first_loss)):
-                raise Diverged(f"loss diverged: {recent:.3g} over the last {len(self.recent_losses)} steps at step "
-                               f"{step}, from {self.first_loss:.3g} at the start (lr={lr:.3g}): try a smaller "
-                               "learning rate")
+            self.check_loss(step, value, lr)
             total.backward()
-            if self.cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
-            self.optimizer.step()
-            self.schedule.step()
-            self.steps_done = step
-            for m in self.hook_modules:  # before zero_grad: AdaLoRA/LoRA2 score importance from the gradients
-                m.after_step(step, self.cfg.steps)
-            self.optimizer.zero_grad(set_to_none=True)
+            self.finish_step(step)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             return value, lr, time.perf_counter() - t0, peak_memory_mb(self.device)
@@ -267,12 +255,48 @@ class RunState:
             self._rng = self._get_rng()
             self._set_rng(outer)
 
-    def evaluate(self) -> dict[str, float]:
-        """Metrics on the pipeline's fixed eval set (model in eval mode, then back to train)."""
+    def check_loss(self, step: int, value: float, lr: float) -> None:
+        """Record this step's loss; raise if it is NaN/inf or the run has diverged (nothing is updated).
+
+        Raises:
+            NonFiniteLoss, Diverged.
+        """
+        if self.first_loss is None:
+            self.first_loss = value
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"loss became {'NaN' if math.isnan(value) else 'infinite'} at step {step} "
+                                f"(lr={lr:.3g}): try a smaller learning rate")
+        self.recent_losses.append(value)
+        recent = sum(self.recent_losses) / len(self.recent_losses)
+        if value > DIVERGENCE_FACTOR * max(1.0, self.first_loss) or (
+                len(self.recent_losses) == DIVERGED_WINDOW
+                and recent > DIVERGED_MEAN_FACTOR * max(1.0, self.first_loss)):
+            raise Diverged(f"loss diverged: {recent:.3g} over the last {len(self.recent_losses)} steps at step "
+                           f"{step}, from {self.first_loss:.3g} at the start (lr={lr:.3g}): try a smaller "
+                           "learning rate")
+
+    def finish_step(self, step: int) -> None:
+        """After backward: clip, step the optimizer and the schedule, run the hooks, zero the gradients."""
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        self.optimizer.step()
+        self.schedule.step()
+        self.steps_done = step
+        for m in self.hook_modules:  # before zero_grad: AdaLoRA/LoRA2 score importance from the gradients
+            m.after_step(step, self.cfg.steps)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def evaluate(self, per_example: bool = False, split: str = "test"):
+        """Metrics on the pipeline's fixed eval set (model in eval mode, then back to train); with
+        ``per_example``, ``(metrics, per-example scores)``; ``split="val"``: the validation split
+        (see ``Pipeline.evaluate``)."""
         self.model.eval()
         try:
             with autocast(self.device):
-                return {k: float(v) for k, v in self.pipeline.evaluate(self.model, self.device).items()}
+                out = self.pipeline.evaluate(self.model, self.device, per_example=per_example, split=split)
+            metrics, examples = out if per_example else (out, None)
+            metrics = {k: float(v) for k, v in metrics.items()}
+            return (metrics, examples) if per_example else metrics
         finally:
             self.model.train()
 

@@ -91,7 +91,9 @@ class SyntheticPipeline(Pipeline):
 
     num_threads = 1  # 64x48 matmuls: one thread is several times faster than two
 
-    def __init__(self, cfg: RunConfig, task: Task):
+    def __init__(self, cfg: RunConfig, task: Task, eval_seed: int | None = None):
+        """``eval_seed`` is ignored: base, teacher and eval inputs are all drawn from ``cfg.seed``, so
+        each seed is its own task (runs are paired on examples within a seed)."""
         self.cfg, self.task = cfg, task
         self.model_name = cfg.model if cfg.model in ("linear", "mlp") else "linear"
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -120,6 +122,10 @@ class SyntheticPipeline(Pipeline):
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         return F.mse_loss(model(batch["x"]).float(), batch["y"])
 
+    def losses(self, model: nn.Module, batch: dict[str, Tensor], n: int) -> list[Tensor]:
+        pred = model(batch["x"]).float()
+        return [F.mse_loss(p, y) for p, y in zip(pred.chunk(n), batch["y"].chunk(n))]
+
     def target(self, name: str) -> Tensor:
         """Teacher weight ``W*`` of layer ``name``."""
         return self.teacher.get_submodule(name).weight
@@ -135,15 +141,22 @@ class SyntheticPipeline(Pipeline):
             den += float((w_star - w0).square().sum())
         return (num / den) ** 0.5 if den > 0 else 0.0
 
+    has_validation = False  # the weight-recovery tasks select nothing
+
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, device: torch.device, per_example: bool = False, split: str = "test"):
+        """Metrics; with ``per_example`` also each eval input's squared error (mean over outputs)."""
         pred = model(self.eval_x.to(device)).float().cpu()
         mse = float(F.mse_loss(pred, self.eval_y))
         try:
             rec = self.recovery_error(model)
         except (AttributeError, ValueError):  # a model-level method that replaced the layers
             rec = float("nan")
-        return {"recovery_error": rec, "mse": mse, "loss": mse}
+        metrics = {"recovery_error": rec, "mse": mse, "loss": mse}
+        if not per_example:
+            return metrics
+        errors = (pred - self.eval_y).square().mean(1).tolist()
+        return metrics, {"name": "squared_error", "values": errors, "higher_is_better": False}
 
     def info(self) -> dict[str, Any]:
         """Adds the teacher's own ΔM/ΔD from ``W0`` (what a perfect recovery would show)."""

@@ -25,6 +25,7 @@ run and the other runs go on. Cancellation (``cancel.set()``) is checked between
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -54,27 +55,46 @@ from ..record.events import (
 from .environment import environment
 from .pipeline import Pipeline, TextPipeline
 from ..record import ResultsAccumulator, save_results
+from .shared import build_group
 from .runstate import PEAK_MEM_KIND, NonFiniteLoss, RunState, describe_error, pick_device, select_analysed
 from .synthetic import SyntheticPipeline
 from .threads import choose_threads
 from .tasks import TASKS, Task, load_task
 
 _TICK = object()  # a run generator yields this after each optimizer step
+_READY = object()  # ... and a shared-base run this before its first step (see _schedule)
+
+
+@dataclass
+class _Seed:
+    """What the runs of one seed share: the config with that seed, the pipeline (model with its head
+    initialised, batch order), and the shared-base group of its layer-level runs (or None)."""
+
+    cfg: RunConfig
+    pipeline: Pipeline
+    group: Any = None
 
 
 @dataclass
 class _Context:
     cfg: RunConfig
-    pipeline: Pipeline
+    pipeline: Pipeline  # the first seed's (task info, analysis module)
     device: torch.device
     task_info: dict[str, Any]
     analysis_module: str | None
     lockstep: bool
     total_steps: int
+    engines: dict[str, str] = field(default_factory=dict)  # run id -> "shared" or why per-copy
+    units: dict[int, _Seed] = field(default_factory=dict)  # seed -> its config, pipeline and shared group
+    seed_of: dict[str, int] = field(default_factory=dict)  # run id -> seed
+    lr_of: dict[str, float] = field(default_factory=dict)  # run id -> learning rate
     done_steps: int = 0
     t0: float = field(default_factory=time.perf_counter)
     states: dict[str, RunState] = field(default_factory=dict)
     weights: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def unit(self, run_id: str) -> _Seed:
+        return self.units[self.seed_of[run_id]]
 
 
 def validate(cfg: RunConfig) -> None:
@@ -85,9 +105,21 @@ def validate(cfg: RunConfig) -> None:
     """
     for m in cfg.methods:
         methods.registry.get(m)  # unknown method -> ValueError listing the valid names
+    if cfg.match_params:
+        methods.registry.get(cfg.match_params)
+    if cfg.sweeps_lr() and not cfg.val_samples and not cfg.task.startswith("synthetic"):
+        raise ValueError("a learning-rate sweep chooses each method's rate on a validation split: "
+                         "set val_samples (e.g. 200)")
     for m in cfg.methods:
         opts = dict(cfg.method_options.get(m, {}))
         methods.registry.make_config(m, rank=cfg.ranks[0], alpha=cfg.alpha, **opts)
+    if cfg.baseline:
+        from ..record.aggregate import group_key
+
+        keys = {group_key({"method": m, "rank": r}) for _, m, r in cfg.run_specs()}
+        if cfg.baseline not in keys and cfg.baseline not in cfg.methods:
+            raise ValueError(f"baseline {cfg.baseline!r} is not one of this comparison's methods or runs: "
+                             f"{', '.join(sorted(keys))}")
     if len(set(cfg.run_ids())) != len(cfg.run_ids()):
         raise ValueError(f"duplicate runs in methods {cfg.methods} x ranks {cfg.ranks}")
     if (cfg.text_column or cfg.label_column) and cfg.task in TASKS:
@@ -95,9 +127,12 @@ def validate(cfg: RunConfig) -> None:
                          "(leave them empty)")
 
 
-def make_pipeline(cfg: RunConfig, task: Task) -> Pipeline:
-    """The pipeline for ``task`` (loads the model and tokenises the data)."""
-    return SyntheticPipeline(cfg, task) if task.kind == "synthetic" else TextPipeline(cfg, task)
+def make_pipeline(cfg: RunConfig, task: Task, eval_seed: int | None = None) -> Pipeline:
+    """The pipeline for ``task`` (loads the model and tokenises the data); ``eval_seed`` picks the eval
+    subset (default ``cfg.seed``), so that every seed of a comparison is evaluated on the same examples."""
+    if task.kind == "synthetic":
+        return SyntheticPipeline(cfg, task, eval_seed=eval_seed)
+    return TextPipeline(cfg, task, eval_seed=eval_seed)
 
 
 def _fits_side_by_side(model: torch.nn.Module, n_runs: int, device: torch.device) -> bool:
@@ -159,14 +194,33 @@ def compare(cfg: RunConfig, cancel: threading.Event | None = None) -> Iterator[E
     """
     validate(cfg)
     device = pick_device(cfg.device)
+    plan = cfg.run_plan()
     task = load_task(cfg)
-    pipeline = make_pipeline(cfg, task)
-    analysis_module = _analysis_module(cfg, pipeline)
-    specs = cfg.run_specs()
-    lockstep = cfg.lockstep and _fits_side_by_side(pipeline.pristine(), len(specs), device)
-    ctx = _Context(cfg, pipeline, device, pipeline.info(), analysis_module, lockstep,
-                   total_steps=len(specs) * cfg.steps)
-    alive = {rid: _drive(ctx, rid, m, r) for rid, m, r in specs}
+    units, engines, matched = {}, {}, None
+    for seed in cfg.run_seeds():
+        cfg_s = dataclasses.replace(cfg, seed=seed, seeds=None)
+        pipeline = make_pipeline(cfg_s, task, eval_seed=cfg.seed)
+        if not units:
+            analysis_module = _analysis_module(cfg, pipeline)
+            if cfg.match_params:  # equal budgets: each method's ranks, from the model's shapes
+                matched = methods.matching.match_ranks(pipeline.pristine(), cfg.methods, cfg.match_params, cfg.ranks,
+                                                       cfg.alpha, cfg.target_modules, cfg.method_options)
+                cfg = dataclasses.replace(cfg, method_ranks=matched["ranks"])
+                plan = cfg.run_plan()
+        if matched:
+            cfg_s = dataclasses.replace(cfg, seed=seed, seeds=None)
+        specs = [(rid, m, r, lr) for rid, m, r, s, lr in plan if s == seed]
+        group, reasons = build_group(cfg_s, pipeline, device, analysis_module, specs)
+        units[seed], engines = _Seed(cfg_s, pipeline, group), {**engines, **reasons}
+    pipeline = units[cfg.run_seeds()[0]].pipeline
+    groups = sum(u.group is not None for u in units.values())
+    copies = sum(e != "shared" for e in engines.values()) + groups
+    lockstep = cfg.lockstep and (copies <= 1 or _fits_side_by_side(pipeline.pristine(), copies, device))
+    ctx = _Context(cfg, pipeline, device, pipeline.info(), analysis_module, lockstep or groups > 0,
+                   total_steps=len(plan) * cfg.steps, engines={rid: engines[rid] for rid, *_ in plan},
+                   units=units, seed_of={rid: s for rid, _, _, s, _ in plan},
+                   lr_of={rid: lr for rid, *_, lr in plan})
+    alive = {rid: _drive(ctx, rid, m, r) for rid, m, r, *_ in plan}
     threads = torch.get_num_threads()
     num_threads, reason = None, f"{device.type}: torch CPU threads do not apply"
     if device.type == "cpu":
@@ -174,7 +228,8 @@ def compare(cfg: RunConfig, cancel: threading.Event | None = None) -> Iterator[E
         torch.set_num_threads(num_threads)
     try:
         yield ComparisonStarted(ctx.task_info, str(device), PEAK_MEM_KIND.get(device.type, "process_peak_rss"),
-                                lockstep, num_threads, reason, environment(device, num_threads))
+                                ctx.lockstep, num_threads, reason, environment(device, num_threads), ctx.engines,
+                                config=cfg.to_dict(), matched=matched)
         ctx.t0 = time.perf_counter()
         yield from _schedule(ctx, alive, cancel)
     finally:
@@ -192,6 +247,13 @@ def _cpu_threads(cfg: RunConfig, pipeline: Pipeline) -> tuple[int, str]:
 
 def _schedule(ctx: _Context, alive: dict[str, Iterator], cancel: threading.Event | None) -> Iterator[Event]:
     """Advance the runs (round-robin in lockstep, else one after another) until done or cancelled."""
+    for rid in [r for r in alive if ctx.engines.get(r) == "shared"]:  # step 0 of every shared run before
+        for ev in alive[rid]:                                          # the group's first step moves them all
+            if ev is _READY:
+                break
+            yield ev
+        else:
+            del alive[rid]
     while alive:
         for rid in list(alive) if ctx.lockstep else [next(iter(alive))]:
             if cancel is not None and cancel.is_set():
@@ -211,6 +273,10 @@ def _schedule(ctx: _Context, alive: dict[str, Iterator], cancel: threading.Event
 
 
 def _cancel(ctx: _Context, alive: dict[str, Iterator]) -> Iterator[Event]:
+    for rid in alive:  # steps the shared group already took but its runs have not reported yet
+        pending = ctx.unit(rid).group.pending(rid) if ctx.engines.get(rid) == "shared" else None
+        if pending is not None:
+            yield Step(rid, pending[0], *pending[1])
     for rid, gen in alive.items():
         state = ctx.states.get(rid)
         if ctx.cfg.export_weights and state is not None:
@@ -230,9 +296,14 @@ def _adapter_event(run_id: str, state: RunState) -> AdapterState:
 
 def _drive(ctx: _Context, run_id: str, method: str, rank: int) -> Iterator[Any]:
     """One run as a generator of events, pausing (``_TICK``) after every optimizer step."""
-    cfg, step = ctx.cfg, 0
+    unit, step = ctx.unit(run_id), 0
+    cfg, group, pipeline = unit.cfg, unit.group, unit.pipeline
+    shared = ctx.engines.get(run_id) == "shared"
     try:
-        state = RunState(run_id, method, rank, cfg, ctx.pipeline, ctx.device, ctx.analysis_module)
+        if shared and run_id in group.errors:
+            raise group.errors[run_id]
+        state = (group.states[run_id] if shared else
+                 RunState(run_id, method, rank, cfg, pipeline, ctx.device, ctx.analysis_module, lr=ctx.lr_of[run_id]))
     except Exception as err:  # noqa: BLE001 - a bad rank/option fails this run only
         message, status = describe_error(err)
         ctx.total_steps -= cfg.steps
@@ -244,7 +315,9 @@ def _drive(ctx: _Context, run_id: str, method: str, rank: int) -> Iterator[Any]:
         info = {"task": ctx.task_info, "trainable_pct": state.counts["percent"], "lockstep": ctx.lockstep,
                 "adapter_params": state.counts["adapter"], "head_params": state.counts["head"],
                 "magnitude_axis": state.info["magnitude_axis"], "target_modules": state.targets,
-                "peak_mem_kind": PEAK_MEM_KIND.get(ctx.device.type, "process_peak_rss")}
+                "peak_mem_kind": PEAK_MEM_KIND.get(ctx.device.type, "process_peak_rss"),
+                "engine": ctx.engines.get(run_id, "per-copy"), "seed": cfg.seed,
+                "lr": ctx.lr_of[run_id]}
         yield RunStarted(run_id, method, rank, state.counts["trainable"], state.counts["total"], str(ctx.device),
                          [n for n, _ in state.analysed], info=info)
         ckpt_steps = checkpoint_steps(cfg) if state.analysed else set()
@@ -261,8 +334,11 @@ def _drive(ctx: _Context, run_id: str, method: str, rank: int) -> Iterator[Any]:
                 yield layer_checkpoint(0)
             if cfg.export_weights:
                 ctx.weights[run_id] = {"start": state.weights()}
-        for step, batch in enumerate(ctx.pipeline.train_batches, start=1):
-            loss, lr, step_s, peak = state.train_step(step, batch)
+        if shared:
+            yield _READY
+        for step, batch in enumerate(pipeline.train_batches, start=1):
+            loss, lr, step_s, peak = (group.result(run_id, step, batch) if shared
+                                      else state.train_step(step, batch))
             yield Step(run_id, step, loss, lr, step_s, peak)
             last = step == cfg.steps
             if state.analysed and (step % cfg.analyze_every == 0 or last):
@@ -270,8 +346,10 @@ def _drive(ctx: _Context, run_id: str, method: str, rank: int) -> Iterator[Any]:
                 yield Analysis(run_id, step, snap, cost_s=cost)
                 if step in ckpt_steps:
                     yield layer_checkpoint(step)
-            if step % cfg.eval_every == 0 or last:
-                yield Eval(run_id, step, state.evaluate())
+            if step % cfg.eval_every == 0 or last:  # every example's score: paired comparisons
+                metrics, examples = state.evaluate(per_example=True)
+                val = state.evaluate(split="val") if pipeline.has_validation else None
+                yield Eval(run_id, step, metrics, per_example=examples, val_metrics=val)
             yield _TICK
         if cfg.export_weights and state.analysed:
             ctx.weights.setdefault(run_id, {})["end"] = state.weights()
@@ -284,6 +362,8 @@ def _drive(ctx: _Context, run_id: str, method: str, rank: int) -> Iterator[Any]:
         yield RunFinished(run_id, status)
     finally:
         ctx.states.pop(run_id, None)
+        if shared:
+            group.drop(run_id)
         state.close()
 
 

@@ -19,7 +19,6 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ..record.tables import results_table
 
 METHOD_COLORS = {
     "full": "#444444", "lora": "#1f77b4", "rslora": "#17becf", "dora": "#d62728", "dora_col": "#ff7f0e",
@@ -210,13 +209,6 @@ def _table_html(rows: list[dict[str, Any]]) -> str:
     body = "".join("<tr>" + "".join(f"<td>{'' if v is None else html.escape(str(v))}</td>" for v in r.values())
                    + "</tr>" for r in rows)
     return f"<table border=1 cellpadding=4 style='border-collapse:collapse'><tr>{head}</tr>{body}</table>"
-
-
-def report_html(results: dict) -> str:
-    """The standalone page of a comparison: its results table and every figure (``figures.html``)."""
-    cfg = results.get("config", {})
-    return page_html(all_figures(results), table=results_table(results),
-                     title=f"BoRA Lab: {cfg.get('task')} on {cfg.get('model')} ({results.get('status')})")
 
 
 def page_html(figs: dict[str, go.Figure] | Iterable[go.Figure], table: list[dict[str, Any]] | None = None,

@@ -30,6 +30,7 @@ from .registry import METHODS, available, config_fields, info, register
 from . import full, lora, dora, bora, adapter, prompts, prefix, simple  # noqa: E402,F401  isort:skip
 from . import lora2, adalora, pissa, asylora, vera  # noqa: E402,F401  isort:skip
 from . import qlora, mora, sbora  # noqa: E402,F401  isort:skip
+from . import matching, rates  # noqa: E402,F401  isort:skip
 
 
 def wrap(linear: nn.Module, method: str, rank: int = 8, alpha: float = 16.0, **options: Any) -> AdapterLinear:

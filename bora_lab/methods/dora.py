@@ -2,7 +2,8 @@
 
 ``V = W0 + s·B@A`` is the direction; a trainable magnitude rescales it per row (output feature,
 what PEFT's ``use_dora`` and the official code do) or per column (input feature, the BoRA paper's
-reading). Norms are constants in backward by default (DoRA section 4.3).
+reading). Norms are constants in backward by default (DoRA section 4.3). The norms are taken
+without building ``V`` where that is faster (see :func:`base.factored_norm_stats`).
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import AdapterConfig, AdapterLinear, NormConfig, combined_weight, lora_delta, low_rank_pair, safe_norm
+from .base import (AdapterConfig, AdapterLinear, NormConfig, combined_weight, factored_norm_stats, lora_delta,
+                   low_rank_pair, lowrank_col_sq_norms, lowrank_row_sq_norms, safe_norm, sq_norm_to_norm)
 from .registry import register
 
 
@@ -20,6 +22,7 @@ class _NormedLowRank(AdapterLinear):
     """Shared state of DoRA-style layers: A, B, scale and the direction norm along ``norm_dim``."""
 
     norm_dim = 1  # 1: row norms [out]; 0: column norms [in]
+    norm_path = "auto"  # "auto" (measured rule) | "dense" | "factored": see base.factored_norm_stats
 
     def __init__(self, base, cfg: NormConfig):
         super().__init__(base, cfg)
@@ -32,13 +35,30 @@ class _NormedLowRank(AdapterLinear):
         """The dense ``V = W0 + s·B@A`` (``[out, in]``)."""
         return combined_weight(self.weight0, self.lora_A, self.lora_B, self.scale)
 
-    def scale_vector(self) -> Tensor:
-        """``m / ||V||`` along the method's axis; the norm is detached unless ``detach_norm=False``."""
+    def direction_norm(self, v: Tensor | None = None) -> Tensor:
+        """``||V||`` along the method's axis (``[out]`` rows or ``[in]`` columns), at least ``eps``.
+
+        From ``v`` (the dense ``V``) when given; otherwise factored from ``W0``'s cached norms and
+        thin matmuls with ``A``/``B`` (:func:`base.lowrank_row_sq_norms`), or from a dense ``V`` where
+        that is faster. Both are differentiable in ``A`` and ``B``.
+        """
+        stats = None if v is not None else factored_norm_stats(self, "dora" if self.norm_dim == 1 else "dora_col")
+        if stats is None:
+            return safe_norm(self.direction() if v is None else v, self.norm_dim, self.cfg.eps)
+        w0 = self.base.weight
+        sq_norms = lowrank_row_sq_norms if self.norm_dim == 1 else lowrank_col_sq_norms
+        return sq_norm_to_norm(sq_norms(w0, self.lora_A, self.lora_B, self.scale, stats), self.cfg.eps, w0.dtype)
+
+    def scale_vector(self, v: Tensor | None = None) -> Tensor:
+        """``m / ||V||`` along the method's axis; the norm is detached unless ``detach_norm=False``.
+
+        ``v``: the dense ``V`` if the caller has built it already (its norms are then read from it).
+        """
         if self.cfg.detach_norm:
             with torch.no_grad():
-                norm = safe_norm(self.direction(), self.norm_dim, self.cfg.eps)
+                norm = self.direction_norm(v)
         else:
-            norm = safe_norm(self.direction(), self.norm_dim, self.cfg.eps)
+            norm = self.direction_norm(v)
         return self.magnitude / norm
 
     def magnitudes(self) -> dict[str, Tensor]:
@@ -59,7 +79,8 @@ class DoRALinear(_NormedLowRank):
     norm_dim = 1
 
     def effective_weight(self) -> Tensor:
-        return self.scale_vector().unsqueeze(1) * self.direction()
+        v = self.direction()  # (out, in)
+        return self.scale_vector(v).unsqueeze(1) * v
 
     def adapter_forward(self, x: Tensor) -> Tensor:
         # y = (m/||V||_row) * (x @ W0.T + s (x @ A.T) @ B.T) + b   -- (..., out)
@@ -87,7 +108,8 @@ class DoRAColLinear(_NormedLowRank):
     norm_dim = 0
 
     def effective_weight(self) -> Tensor:
-        return self.direction() * self.scale_vector().unsqueeze(0)
+        v = self.direction()  # (out, in)
+        return v * self.scale_vector(v).unsqueeze(0)
 
     def adapter_forward(self, x: Tensor) -> Tensor:
         xs = x * self.scale_vector().to(x.dtype)  # scale inputs: (..., in)

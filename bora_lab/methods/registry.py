@@ -97,4 +97,11 @@ def info(name: str) -> dict[str, Any]:
         "paper": cls.paper,
         "source": cls.source,
         "identity_at_init": cls.identity_at_init,
+        "suggested_lr": _rates().suggested_lr(name),
     }
+
+
+def _rates():
+    from . import rates
+
+    return rates

@@ -14,7 +14,7 @@ from typing import Any
 
 from .layer_store import LayerStore
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: seeds, per-example scores, validation, aggregates (1 still opens)
 FINAL_LOSS_WINDOW = 10  # "final loss" = mean training loss of the last 10 steps (single steps are noisy)
 STATUSES = ("pending", "running", "done", "nan", "diverged", "oom", "error", "cancelled", "interrupted")
 
@@ -85,7 +85,14 @@ class ResultsAccumulator:
             res.update(task=_get(event, "task"), device=_get(event, "device"),
                        peak_mem_kind=_get(event, "peak_mem_kind"), lockstep=_get(event, "lockstep"),
                        num_threads=_get(event, "num_threads"), threads_reason=_get(event, "threads_reason"),
-                       environment=_get(event, "environment"))
+                       environment=_get(event, "environment"), engines=_get(event, "engines", None) or {})
+            if _get(event, "matched"):
+                res["matched"] = _get(event, "matched")
+            if _get(event, "config") and _get(event, "config") != res["config"]:  # e.g. matched ranks: new run ids
+                res["config"] = _get(event, "config")
+                specs = _run_specs(None, res["config"])
+                res["runs"] = [self._index.get(rid) or new_run_entry(rid, m, r) for rid, m, r in specs]
+                self._index = {r["run_id"]: r for r in res["runs"]}
             return res
         if kind == "comparison_done":
             res["elapsed_s"] = _get(event, "elapsed_s")
@@ -114,7 +121,8 @@ class ResultsAccumulator:
                          analysed_modules=list(_get(ev, "analysed_modules") or []),
                          trainable_pct=info.get("trainable_pct"), magnitude_axis=info.get("magnitude_axis"),
                          adapter_params=info.get("adapter_params"), head_params=info.get("head_params"),
-                         target_modules=list(info.get("target_modules") or []))
+                         target_modules=list(info.get("target_modules") or []), engine=info.get("engine"),
+                         seed=info.get("seed"), lr=info.get("lr"))
             if info.get("task"):
                 self.results["task"] = info["task"]
             self.results["device"] = _get(ev, "device")
@@ -126,7 +134,15 @@ class ResultsAccumulator:
             entry["history"].append(row)
             entry["peak_mem_mb"] = max(entry["peak_mem_mb"] or 0.0, row["peak_mem_mb"] or 0.0)
         elif kind == "eval":
-            entry["eval"].append({"step": _get(ev, "step"), "metrics": dict(_get(ev, "metrics"))})
+            row = {"step": _get(ev, "step"), "metrics": dict(_get(ev, "metrics"))}
+            if _get(ev, "val_metrics"):
+                row["val_metrics"] = dict(_get(ev, "val_metrics"))
+            entry["eval"].append(row)
+            if _get(ev, "per_example"):  # the latest evaluation's, and the best one's on validation
+                entry["per_example"] = {**_get(ev, "per_example"), "step": row["step"]}
+                if row.get("val_metrics") and self._is_best(entry, row):
+                    entry["best"] = {"step": row["step"], "val_metrics": row["val_metrics"], "metrics": row["metrics"]}
+                    entry["per_example_best"] = entry["per_example"]
         elif kind == "analysis":
             entry["analysis"].append({**_get(ev, "snapshot"), "cost_s": _get(ev, "cost_s", 0.0)})
         elif kind == "error":
@@ -138,10 +154,31 @@ class ResultsAccumulator:
             entry["median_step_s"] = summary.get("median_step_s")
             entry["peak_mem_mb"] = summary.get("peak_mem_mb", entry["peak_mem_mb"])
 
+    def _is_best(self, entry: dict, row: dict) -> bool:
+        """Whether ``row`` beats the run's best evaluation so far on the validation split's primary metric."""
+        task = self.results.get("task") or {}
+        metric = task.get("metric") or "loss"
+        new = row["val_metrics"].get(metric)
+        old = (entry.get("best") or {}).get("val_metrics", {}).get(metric)
+        if not _finite(new):
+            return False
+        if old is None:
+            return True
+        return new > old if task.get("higher_is_better", True) else new < old
+
     def finish(self, status: str = "done") -> dict[str, Any]:
         """Mark the comparison finished (a cancelled one stays cancelled) and return the results."""
         if self.results["status"] == "running":
             self.results["status"] = status
+        from .aggregate import aggregate, tuned
+
+        baseline = (self.results.get("config") or {}).get("baseline")
+        self.results["aggregate"] = aggregate(self.results, baseline=baseline)
+        if any(r.get("per_example_best") for r in self.results["runs"]):  # best checkpoints, chosen on validation
+            self.results["aggregate_best"] = aggregate(self.results, baseline=baseline, at="best")
+        swept = tuned(self.results, baseline=baseline)  # each method at its own best learning rate
+        if swept is not None:
+            self.results["aggregate_tuned"] = swept
         return self.results
 
 
@@ -155,7 +192,9 @@ def summarize(entry: dict[str, Any], task: dict[str, Any] | None = None, status:
 
     Keys: run_id, method, rank, status, error, trainable_params, total_params, trainable_pct,
     adapter_params, head_params (the trainable task head, counted apart),
-    steps_done, final_loss, metric, eval_metric, eval_step, median_step_s, peak_mem_mb,
+    steps_done, final_loss, metric, eval_metric, eval_step, best_step, best_val_metric (the best
+    evaluation on the validation split) and best_eval_metric (the test metric at that step),
+    median_step_s, peak_mem_mb,
     dM_row, dM_col, dD_row, dD_col (mean over analysed modules, from the start, last snapshot),
     asymmetry_ratio, dora_slope, dora_r (DoRA fig. 2 fit on the row axis), analysis_overhead_pct.
     Missing values are None.
@@ -177,6 +216,9 @@ def summarize(entry: dict[str, Any], task: dict[str, Any] | None = None, status:
         "metric": metric,
         "eval_metric": (last_eval["metrics"].get(metric) if last_eval and metric else None),
         "eval_step": last_eval["step"] if last_eval else None,
+        "best_step": (entry.get("best") or {}).get("step"),  # chosen on validation (val_samples > 0)
+        "best_val_metric": (entry.get("best") or {}).get("val_metrics", {}).get(metric) if metric else None,
+        "best_eval_metric": (entry.get("best") or {}).get("metrics", {}).get(metric) if metric else None,
         "median_step_s": statistics.median(step_s) if step_s else None,
         "peak_mem_mb": max(mems) if mems else None,
         "dM_row": None, "dM_col": None, "dD_row": None, "dD_col": None,

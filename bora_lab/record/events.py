@@ -30,7 +30,10 @@ class ComparisonStarted(Event):
     num_threads: int | None  # torch CPU threads (None on a GPU)
     threads_reason: str  # why that many, for people ("auto: both cores idle")
     environment: dict[str, Any]  # versions, commit, device name (engine.environment)
+    engines: dict[str, str] = field(default_factory=dict)  # run id -> "shared" (one frozen base) or why per-copy
     kind: str = field(init=False, default="comparison_started")
+    config: dict[str, Any] | None = None  # the config as run, when the engine settled part of it (matched ranks)
+    matched: dict[str, Any] | None = None  # match_params: the matched ranks and counts (methods.matching)
 
 
 @dataclass
@@ -65,6 +68,10 @@ class Eval(Event):
     step: int
     metrics: dict[str, float]  # e.g. {"accuracy": 0.81, "f1": 0.79, "loss": 0.42}
     kind: str = field(init=False, default="eval")
+    # {"name": "correct" | "squared_error" | "token_loss", "values": [one per test example, in the eval
+    # set's fixed order], "higher_is_better": bool}
+    per_example: dict[str, Any] | None = None
+    val_metrics: dict[str, float] | None = None  # the same metrics on the validation split (val_samples > 0)
 
 
 @dataclass

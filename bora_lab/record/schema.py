@@ -61,7 +61,7 @@ RESULTS_SCHEMA = {
     "type": "object",
     "required": ["schema_version", "created", "status", "config", "task", "device", "peak_mem_kind", "runs"],
     "properties": {
-        "schema_version": {"const": 1},
+        "schema_version": {"enum": [1, 2]},
         "created": {"type": "string"},
         "status": {"enum": ["running", "done", "cancelled", "interrupted", "error"]},
         "message": {"type": ["string", "null"]},

@@ -19,7 +19,8 @@ def results_table(results: dict) -> list[dict[str, Any]]:
     Columns: run, method, rank, status, trainable params, trainable %, adapter params, head params
     (trainable params split into the method's own and the task head's), final loss, the task's
     metric, median step (s), peak mem (MiB), ΔM row, ΔM col, ΔD row, ΔD col (mean over analysed
-    modules, from the start), ΔM row/col (the asymmetry ratio). Missing values are None.
+    modules, from the start), ΔM row/col (the asymmetry ratio); with a validation split also the
+    test metric at the best validation step and that step. Missing values are None.
     """
     task = results.get("task", {})
     metric = task.get("metric") or "metric"
@@ -36,4 +37,7 @@ def results_table(results: dict) -> list[dict[str, Any]]:
             "ΔD row": _round(s.get("dD_row"), 3), "ΔD col": _round(s.get("dD_col"), 3),
             "ΔM row/col": _round(s.get("asymmetry_ratio"), 3),
         })
+        if s.get("best_step") is not None:  # a validation split: the best checkpoint, chosen on it
+            rows[-1][f"{metric} at best val step"] = _round(s.get("best_eval_metric"))
+            rows[-1]["best step"] = s["best_step"]
     return rows

@@ -9,7 +9,7 @@ from typing import Any
 # ---------------------------------------------------------------------------------------------
 # Trainer events -> updates
 # ---------------------------------------------------------------------------------------------
-PLOTS = ("loss", "metric", "md", "scatter", "table")  # outputs drawn from the results dict
+PLOTS = ("loss", "metric", "md", "scatter", "forest", "table")  # outputs drawn from the results dict
 MD_VIEWS = {"from the start (t vs 0)": "from_start", "step to step (t vs t-1)": "step_to_step"}
 # Which outputs an event makes stale (event ``kind`` -> plot names). A step does not redraw the
 # table (Gradio's table payload is the costliest output); analysis snapshots and evals, which come
@@ -19,7 +19,7 @@ _STALE: dict[str, set[str]] = {
     "step": {"loss"},
     "eval": {"metric", "table"},
     "analysis": {"md", "scatter", "table"},
-    "run_finished": set(PLOTS),
+    "run_finished": set(PLOTS),  # the forest plot needs finished runs
     "error": {"table"},
     "comparison_done": set(PLOTS),
 }
@@ -34,17 +34,22 @@ def stale_plots(events) -> set[str]:
 
 
 def table_frame(results: dict[str, Any]):
-    """The results table as a ``pandas.DataFrame`` (one row per run; only the headers before any run)."""
+    """The results table as a ``pandas.DataFrame``: one row per run (only the headers before any run);
+    with several seeds, one row per (method, rank): mean ± 95% half-width over seeds and the verdict
+    against the baseline."""
     import pandas as pd
 
-    from bora_lab.figures import runs as figures
+    from bora_lab.record.aggregate import aggregate_rows, has_repeats
+    from bora_lab.record.tables import results_table
 
-    rows = figures.results_table(results)
+    if has_repeats(results):
+        return pd.DataFrame(aggregate_rows(results))
+    rows = results_table(results)
     if rows:
         return pd.DataFrame(rows)
     from bora_lab.record import new_run_entry
 
-    headers = figures.results_table({**results, "runs": [new_run_entry("lora-r8", "lora", 8)]})[0]
+    headers = results_table({**results, "runs": [new_run_entry("lora-r8", "lora", 8)]})[0]
     return pd.DataFrame(columns=list(headers))
 
 
@@ -67,10 +72,13 @@ def render_plots(results: dict[str, Any], names, md_view: str = "from_start") ->
         ``{name: plotly Figure or DataFrame}`` for each requested name.
     """
     from bora_lab.figures import runs as figures
+    from bora_lab.figures import seeds
 
+    banded = seeds.has_seeds(results)
     builders = {
-        "loss": lambda: figures.loss_figure(results),
-        "metric": lambda: figures.metric_figure(results),
+        "loss": lambda: seeds.loss_band_figure(results) if banded else figures.loss_figure(results),
+        "metric": lambda: seeds.metric_band_figure(results) if banded else figures.metric_figure(results),
+        "forest": lambda: seeds.forest_figure(results),
         "md": lambda: figures.md_figure(results, view=md_view),
         "scatter": lambda: figures.dora_scatter_figure(results),
         "table": lambda: table_frame(results),

@@ -18,7 +18,7 @@ from bora_lab.methods import registry
 
 OPTION_SEP = "."
 SHARED_OPTIONS = ("rank", "alpha")  # every method has them; the UI has its own widgets for both
-RUN_FIELDS: list[str] = [f.name for f in dataclasses.fields(RunConfig) if f.name != "method_options"]
+RUN_FIELDS: list[str] = [f.name for f in dataclasses.fields(RunConfig) if f.name not in ("method_options", "method_ranks")]
 _FIELD_TYPES: dict[str, str] = {f.name: str(f.type) for f in dataclasses.fields(RunConfig)}
 LIST_WIDGETS = ("methods", "ranks")  # multi-select widgets; other list fields are comma-separated text
 _NAMES = {"lr": "learning rate", "alpha": "alpha (LoRA scaling)", "num_layers": "layers kept"}
@@ -160,6 +160,8 @@ def _int_list(value: Any, name: str) -> list[int]:
         span = re.fullmatch(r"(\d+)\s*-\s*(\d+)", item)
         if span:
             lo, hi = sorted((_bounded_int(span.group(1), name, item), _bounded_int(span.group(2), name, item)))
+            if hi - lo >= 4096:
+                raise ValueError(f"{_pretty(name).capitalize()}: {item!r} spans {hi - lo + 1:,} values; at most 4,096.")
             # bounded before expanding: "0-999999999" must not build a list
             out.extend(range(lo, hi + 1))
         elif re.fullmatch(r"\d+", item):
@@ -187,6 +189,9 @@ def _coerce(value: Any, type_str: str, name: str) -> Any:
     if base == "list[int]":
         ints = _int_list(value, name)
         return None if optional and not ints else ints
+    if base == "list[float]":
+        nums = [_number(v, name, integer=False) for v in _names(value)]
+        return None if optional and not nums else nums
     if base.startswith("list["):
         names = _names(value)
         return None if optional and not names else names

@@ -131,6 +131,8 @@ def _plots() -> dict[str, gr.components.Component]:
                               "row-wise and column-wise")
     out["md"] = gr.Plot(empty["md"], label="Magnitude and direction changes", show_label=False, elem_id="bl-md")
     out["scatter"] = gr.Plot(empty["scatter"], label="DoRA figure 2", show_label=False, elem_id="bl-scatter")
+    out["forest"] = gr.Plot(empty["forest"], label="Difference from the baseline", show_label=False,
+                            elem_id="bl-forest")
     out["table"] = gr.Dataframe(empty["table"], label="Results", elem_id="bl-table", interactive=False, wrap=False)
     return out
 
@@ -295,6 +297,21 @@ def stop_comparison(session: Session) -> tuple:
     return render(job, common.PLOTS, session.md_view)
 
 
+COST_KEYS = ("methods", "ranks", "seeds", "lrs", "lr_auto", "steps", "batch_size", "max_length", "num_layers",
+             "model", "eval_every", "eval_samples", "val_samples", "match_params")
+
+
+def cost_text(*values: Any) -> str:
+    """The Compare tab's cost line: runs, steps and the time estimate of the settings as they stand."""
+    from bora_lab.engine.estimate import cost_text as text
+
+    try:
+        cfg = form.config_from_ui(**dict(zip(form.input_keys(), values)))
+    except ValueError as err:
+        return f"*Cost: the settings need a fix first: {common.error_message(err)}*"
+    return f"*Cost: {text(cfg, cfg.device)}.*"
+
+
 def change_md_view(session: Session, label: str):
     """The ΔM/ΔD view radio: redraw the small multiples of the current (or last) comparison."""
     session.md_view = common.MD_VIEWS.get(label, label)
@@ -318,6 +335,7 @@ def build_compare_tab(session: gr.State, base: RunConfig, token: gr.BrowserState
                 with gr.Row():
                     run_btn = gr.Button("Run", variant="primary", elem_id="bl-run")
                     stop_btn = gr.Button("Stop", variant="stop", elem_id="bl-stop")
+                cost = gr.Markdown(cost_text(*[values[k] for k in form.input_keys()]), elem_id="bl-cost")
             with gr.Column(scale=5):
                 plots = _plots()
     inputs = [session] + [widgets[k] for k in form.input_keys()]
@@ -329,6 +347,8 @@ def build_compare_tab(session: gr.State, base: RunConfig, token: gr.BrowserState
                    show_progress="hidden")
     plots["md_view"].change(change_md_view, [session, plots["md_view"]], plots["md"], concurrency_limit=None,
                             show_progress="hidden")
+    for key in COST_KEYS:  # the cost line follows every setting that changes it
+        widgets[key].change(cost_text, inputs[1:], cost, concurrency_limit=None, show_progress="hidden")
     widgets["methods"].change(form.methods_changed, widgets["methods"],
                               [method_notes] + [option_groups[m] for m in form.option_methods()],
                               concurrency_limit=None, show_progress="hidden")

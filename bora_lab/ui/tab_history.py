@@ -78,6 +78,7 @@ def merge_results(results: list[dict[str, Any]], labels: list[str]) -> dict[str,
     merged["runs"] = [{**run, "run_id": f"{run['run_id']} ({label})"} for res, label in zip(results, labels)
                       for run in copy.deepcopy(res.get("runs", []))]
     merged["overlay_of"] = list(labels)
+    merged.pop("aggregate", None)  # recomputed from the overlaid runs (each comparison keeps its groups)
     return merged
 
 
@@ -188,11 +189,12 @@ def build_tab(session: gr.State) -> tuple[list, list]:
     view = gr.Radio(list(common.MD_VIEWS), value=list(common.MD_VIEWS)[0], label="ΔM / ΔD view")
     md = gr.Plot(empty["md"], label="Magnitude and direction changes", show_label=False)
     scatter = gr.Plot(empty["scatter"], label="DoRA figure 2", show_label=False)
+    forest = gr.Plot(empty["forest"], label="Difference from the baseline", show_label=False)
     table = gr.Dataframe(empty["table"], label="Results", interactive=False, wrap=False,
                          elem_id="bl-history-table")
     files = gr.File(label="Downloads (results.json, CSV, standalone HTML plots)", file_count="multiple",
                     interactive=False)
-    shown = [status, loss, metric, md, scatter, table]
+    shown = [status, loss, metric, md, scatter, forest, table]
     for trigger in (refresh.click, show_all.change):
         trigger(list_runs, [session, show_all], [listing, chosen], concurrency_limit=None)
     open_btn.click(open_runs, [session, show_all, chosen, view], shown + [files], concurrency_limit=None)
