@@ -91,6 +91,19 @@ def test_cost_line_before_training():
     assert estimate(RunConfig(num_layers=2))["seconds"] < estimate(RunConfig())["seconds"]
 
 
+def test_matched_ranks_show_before_anything_loads():
+    from bora_lab.engine.estimate import matched_preview
+    from bora_lab.ui import form, tab_compare
+
+    line = matched_preview(RunConfig(methods=["lora", "dora", "bora"], match_params="bora"))
+    assert line.startswith("matched to bora (r8: ") and "lora r9" in line and "dora r8" in line
+    values = form.ui_values(RunConfig(methods=["lora", "bora"], match_params="bora", seeds=[0, 1]))
+    text = tab_compare.cost_text(*[values[k] for k in form.input_keys()])
+    assert "4 runs × 150 steps: about" in text and "lora r9" in text
+    values["steps"] = "zero"
+    assert "need a fix" in tab_compare.cost_text(*[values[k] for k in form.input_keys()])
+
+
 def test_cli_flags_for_fair_comparisons():
     args = build_parser().parse_args(["compare", "--seeds", "0,1,2", "--lrs", "3e-4,1e-3", "--val-samples", "100",
                                       "--match-params", "bora", "--baseline", "dora", "--engine", "per_copy"])

@@ -61,3 +61,26 @@ def cost_text(cfg: RunConfig, device: str = "cpu") -> str:
     s = e["seconds"]
     when = f"{s:.0f} s" if s < 90 else f"{s / 60:.0f} min" if s < 5400 else f"{s / 3600:.1f} h"
     return f"{head}: about {when} on a 2-core CPU ({e['why']})"
+
+
+def matched_preview(cfg: RunConfig) -> str:
+    """With ``match_params`` on the offline MiniLM: the matched ranks and counts, from a weightless
+    (meta-device) copy of the model, so they show before anything loads or trains; else ``""``."""
+    if not cfg.match_params or cfg.model != "minilm":
+        return ""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from .. import methods
+    from .loading import _minilm_folder, configure_model
+
+    config = AutoConfig.from_pretrained(_minilm_folder())
+    configure_model(config, "minilm", "classification", 2, cfg.num_layers)
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+    m = methods.matching.match_ranks(model, cfg.methods, cfg.match_params, cfg.ranks, cfg.alpha, cfg.target_modules,
+                                     cfg.method_options)
+    parts = [f"{r['method']} r{r['rank']} ({r['params']:,})" for r in m["table"]]
+    refs = ", ".join(f"r{r}: {c:,}" for r, c in dict((r["reference_rank"], r["reference_params"])
+                                                    for r in m["table"]).items())
+    return f"matched to {m['reference']} ({refs} adapter parameters): " + ", ".join(parts)

@@ -28,6 +28,7 @@ from .. import methods
 from ..analysis.weights import WeightTracker
 from ..config import RunConfig
 from .pipeline import Pipeline, to_device
+from .streams import get_rng, set_rng
 
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
 # A loss above DIVERGENCE_FACTOR * max(1, first loss) counts as diverged (Adam bounds each update by
@@ -218,13 +219,10 @@ class RunState:
 
     # -- RNG: each run has its own stream, so lockstep and sequential give the same numbers ---------
     def _get_rng(self) -> tuple[Tensor, Tensor | None]:
-        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
-        return torch.get_rng_state(), cuda
+        return get_rng(self.device)
 
     def _set_rng(self, state: tuple[Tensor, Tensor | None]) -> None:
-        torch.set_rng_state(state[0])
-        if state[1] is not None:
-            torch.cuda.set_rng_state(state[1], self.device)
+        set_rng(state, self.device)
 
     # -- the three things the trainer asks for -------------------------------------------------------
     def train_step(self, step: int, batch: dict[str, Tensor]) -> tuple[float, float, float, float]:

@@ -32,6 +32,18 @@ _PLAN = threading.local()
 PREFIX = "bora_lab_streams:"
 
 
+def get_rng(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """The global RNG state: the CPU generator's and, on CUDA, the device generator's."""
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def set_rng(state: tuple[Tensor, Tensor | None], device: torch.device) -> None:
+    """Restore a :func:`get_rng` state."""
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
 class StreamPlan:
     """Chunk i of every batched tensor uses stream ``chunk_stream[i]``; ``states`` hold the streams'
     RNG states (CPU state, CUDA state or None) and advance as random ops run."""
@@ -44,13 +56,10 @@ class StreamPlan:
         return len(self.chunk_stream)
 
     def _get(self) -> tuple[Tensor, Tensor | None]:
-        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
-        return torch.get_rng_state(), cuda
+        return get_rng(self.device)
 
     def _set(self, state: tuple[Tensor, Tensor | None]) -> None:
-        torch.set_rng_state(state[0])
-        if state[1] is not None:
-            torch.cuda.set_rng_state(state[1], self.device)
+        set_rng(state, self.device)
 
     def per_chunk(self, fn, *tensors: Tensor) -> list:
         """``[fn(*(t_i for t in tensors)) for each chunk i]``, each call on its stream's RNG.

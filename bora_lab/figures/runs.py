@@ -101,6 +101,11 @@ def metric_figure(results: dict, metric: str | None = None) -> go.Figure:
         pts = [(e["step"], e["metrics"].get(metric)) for e in run["eval"]]
         fig.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers", name=run["run_id"],
                         line={"color": method_color(run["method"]), "dash": _dash(results, run)})
+    return decorate_metric(fig, task, metric, title)
+
+
+def decorate_metric(fig: go.Figure, task: dict, metric: str, title: str, note: str = "") -> go.Figure:
+    """The metric figures' majority-class line, title (which way is better) and axis labels."""
     base = task.get("majority_baseline")
     if base is not None and metric == "accuracy":
         fig.add_hline(y=base, line={"dash": "dot", "color": "#999"},
@@ -108,7 +113,7 @@ def metric_figure(results: dict, metric: str | None = None) -> go.Figure:
     better = "higher is better" if task.get("higher_is_better", True) else "lower is better"
     unit = {"accuracy": " (fraction correct)", "perplexity": " (exp nats/token)",
             "recovery_error": " (‖W−W*‖/‖W*−W0‖)"}.get(metric, "")
-    fig.update_layout(title=f"{title} ({better})", xaxis_title="optimizer step", yaxis_title=f"{metric}{unit}")
+    fig.update_layout(title=f"{title} ({better}){note}", xaxis_title="optimizer step", yaxis_title=f"{metric}{unit}")
     return fig
 
 

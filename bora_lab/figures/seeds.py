@@ -10,7 +10,7 @@ import math
 import plotly.graph_objects as go
 
 from ..record.aggregate import group_key, has_repeats, headline
-from .runs import SMOOTH_WINDOW, _loss_label, _smooth, empty_figure, method_color
+from .runs import SMOOTH_WINDOW, _loss_label, _smooth, decorate_metric, empty_figure, method_color
 
 _DASHES = ["solid", "dash", "dot", "dashdot", "longdash"]
 
@@ -64,7 +64,7 @@ def loss_band_figure(results: dict) -> go.Figure:
     if not any(groups.values()):
         return empty_figure(title)
     fig = go.Figure()
-    for i, (key, runs) in enumerate(groups.items()):
+    for key, runs in groups.items():
         series = [([h["step"] for h in r["history"]], _smooth([h["loss"] for h in r["history"]])) for r in runs]
         _band_traces(fig, key, runs[0]["method"] if runs else key, series, _DASHES[0])
     fig.update_layout(title=f"{title}: mean over seeds ({SMOOTH_WINDOW}-step moving average), band: 95% interval",
@@ -85,14 +85,7 @@ def metric_band_figure(results: dict, metric: str | None = None) -> go.Figure:
         series = [([e["step"] for e in r["eval"]], [e["metrics"].get(metric, float("nan")) for e in r["eval"]])
                   for r in runs]
         _band_traces(fig, key, runs[0]["method"] if runs else key, series, _DASHES[0])
-    base = task.get("majority_baseline")
-    if base is not None and metric == "accuracy":
-        fig.add_hline(y=base, line={"dash": "dot", "color": "#999"},
-                      annotation_text=f"majority class {base:.1%}", annotation_position="bottom right")
-    better = "higher is better" if task.get("higher_is_better", True) else "lower is better"
-    fig.update_layout(title=f"{title} ({better}): mean over seeds, band: 95% interval",
-                      xaxis_title="optimizer step", yaxis_title=metric)
-    return fig
+    return decorate_metric(fig, task, metric, title, note=": mean over seeds, band: 95% interval")
 
 
 def forest_figure(results: dict) -> go.Figure:

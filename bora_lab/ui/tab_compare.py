@@ -303,13 +303,14 @@ COST_KEYS = ("methods", "ranks", "seeds", "lrs", "lr_auto", "steps", "batch_size
 
 def cost_text(*values: Any) -> str:
     """The Compare tab's cost line: runs, steps and the time estimate of the settings as they stand."""
-    from bora_lab.engine.estimate import cost_text as text
+    from bora_lab.engine.estimate import cost_text as text, matched_preview
 
     try:
         cfg = form.config_from_ui(**dict(zip(form.input_keys(), values)))
+        matched = matched_preview(cfg)
     except ValueError as err:
         return f"*Cost: the settings need a fix first: {common.error_message(err)}*"
-    return f"*Cost: {text(cfg, cfg.device)}.*"
+    return f"*Cost: {text(cfg, cfg.device)}.*" + (f"\n\n*Budgets {matched}.*" if matched else "")
 
 
 def change_md_view(session: Session, label: str):
