@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,13 @@ SETS = {
     "3": ["lora", "dora", "bora"],
     "8": ["lora", "rslora", "dora", "dora_col", "bora", "vera", "asylora", "sbora_fa"],
 }
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (``VmHWM``). Not ``ru_maxrss``: a child started by
+    ``subprocess`` inherits its parent's ``ru_maxrss``, so every child would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
 def config(methods: list[str], engine: str, steps: int, threads: int):
@@ -54,12 +60,13 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sets", default="1,3,8", help="comma-separated keys of SETS")
+    ap.add_argument("--memory-only", action="store_true", help="only the peak-memory probes")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:  # memory probe: one comparison, then the peak RSS
         engine, key = args.child.split(":")
         timed(SETS[key], engine, args.steps, args.threads)
-        print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
         return
     import torch
 
@@ -68,7 +75,7 @@ def main() -> None:
     for key in args.sets.split(","):
         times: dict[str, list[float]] = {"per_copy": [], "shared": []}
         acc = {}
-        for _ in range(args.reps):
+        for _ in range(0 if args.memory_only else args.reps):
             for engine in times:
                 out = timed(SETS[key], engine, args.steps, args.threads)
                 times[engine].append(out["elapsed_s"])
@@ -78,11 +85,11 @@ def main() -> None:
             proc = subprocess.run([sys.executable, __file__, "--child", f"{engine}:{key}", "--steps", str(args.steps),
                                    "--threads", str(args.threads)], capture_output=True, text=True, check=True)
             mem[engine] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mb"]
-        med = {e: statistics.median(t) for e, t in times.items()}
+        med = {e: statistics.median(t) if t else float("nan") for e, t in times.items()}
         rows.append((key, med, mem, acc))
         print(f"k={key}: per-copy {med['per_copy']:.1f}s, shared {med['shared']:.1f}s, "
               f"speed-up {med['per_copy'] / med['shared']:.2f}x; peak RSS {mem['per_copy']:.0f} / {mem['shared']:.0f} MB; "
-              f"same accuracy: {acc['per_copy'] == acc['shared']}", flush=True)
+              f"same accuracy: {acc.get('per_copy') == acc.get('shared')}", flush=True)
     print("\n| runs | per-copy s | shared s | speed-up | peak RSS per-copy MB | peak RSS shared MB |")
     print("|---|---|---|---|---|---|")
     for key, med, mem, _ in rows:

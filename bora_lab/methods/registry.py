@@ -98,6 +98,7 @@ def info(name: str) -> dict[str, Any]:
         "source": cls.source,
         "identity_at_init": cls.identity_at_init,
         "suggested_lr": _rates().suggested_lr(name),
+        "suggested_lr_source": _rates().source(name),
     }
 
 

@@ -50,7 +50,8 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and v == v and abs(v) != float("inf")
 
 
-def _pick_baseline(keys: list[str], groups: dict[str, list[dict]], baseline: str | None) -> str | None:
+def _pick_baseline(keys: list[str], groups: dict[str, list[dict]], baseline: str | None,
+                   results_lr: dict | None = None) -> str | None:
     if not keys:
         return None
     if baseline:
@@ -59,7 +60,9 @@ def _pick_baseline(keys: list[str], groups: dict[str, list[dict]], baseline: str
         named = [k for k in keys if groups[k][0]["method"] == baseline]
         if named:
             return named[0]
-    return next((k for k in keys if groups[k][0]["method"] == "lora"), keys[0])
+    lora = [k for k in keys if groups[k][0]["method"] == "lora"] or keys
+    lr = (results_lr or {}).get("lr")  # in a sweep: the comparison's own rate first
+    return next((k for k in lora if groups[k][0].get("lr") == lr), lora[0])
 
 
 def _scores(run: dict[str, Any], at: str = "final") -> tuple[str, list[float]] | None:
@@ -121,7 +124,7 @@ def aggregate(results: dict[str, Any], baseline: str | None = None, *, level: fl
     for run in results.get("runs", []):
         groups.setdefault(group_key(run), []).append(run)
     keys = list(groups)
-    base_key = _pick_baseline(keys, groups, baseline)
+    base_key = _pick_baseline(keys, groups, baseline, results.get("config"))
     out = {"level": level, "at": at, "baseline": base_key, "seeds": sorted({r.get("seed") for r in results.get("runs", [])
                                                                   if r.get("seed") is not None}), "groups": []}
     for key in keys:

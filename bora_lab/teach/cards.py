@@ -252,6 +252,8 @@ def card_markdown(card: dict[str, Any]) -> str:
         ("Rank", card["rank"] if card.get("rank") is not None else "not used"),
         ("Paper", card.get("paper") or "-"),
         ("From the sources", card.get("source") or "-"),
+        ("Suggested learning rate", f"{card['suggested_lr']:g} on the default task ({card['suggested_lr_source']})"
+         if card.get("suggested_lr") else "-"),
     ]
     if card.get("params_per_layer") is not None:
         lay = card["layer"]
