@@ -361,7 +361,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_app(args: argparse.Namespace) -> int:
-    from .ui.layout import build_demo, launch
+    from .ui.app import build_demo, launch
 
     launch(build_demo(), share=args.share)
     return EXIT_OK

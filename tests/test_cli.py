@@ -214,3 +214,15 @@ def test_ctrl_c_cancels_and_saves(tmp_path):
     assert results["status"] == "cancelled" and all(r["status"] == "cancelled" for r in results["runs"])
     assert all(0 < len(r["history"]) < 20000 for r in results["runs"])
     assert b"cancelled" in out
+
+
+def test_app_command_builds_and_launches_the_app(monkeypatch):
+    """`bora-lab app` opens the same app as `python app.py` (launch is replaced, nothing is served)."""
+    from bora_lab import cli
+    from bora_lab.ui import app
+
+    seen = {}
+    monkeypatch.setattr(app, "build_demo", lambda: "demo")
+    monkeypatch.setattr(app, "launch", lambda demo, share=False: seen.update(demo=demo, share=share))
+    assert cli.main(["app"]) == cli.EXIT_OK
+    assert seen == {"demo": "demo", "share": False}
