@@ -7,6 +7,7 @@
     bora-lab list                          # methods and tasks
     bora-lab predict runs/<run> --run dora-r8 "Great coffee, would buy again"   # a trained run, on text
     bora-lab export runs/<run> --run bora-r8 --format merged --out merged/   # a plain transformers model
+    bora-lab reproduce bora-asymmetry      # a claim of the papers, checked with seeds (--list: all)
     bora-lab app                           # the Gradio app
 
 The ``compare`` flags are generated from ``RunConfig``'s fields. Flags left out take the ``--config``
@@ -29,8 +30,9 @@ import threading
 import time
 from typing import Any
 
+from .cli_claims import add_reproduce_parser, cmd_reproduce
 from .cli_output import Progress, format_table, overhead, threads_text, verdict_lines
-from .config import RunConfig, default_of, settings
+from .config import RunConfig, default_of, lr_choice, settings
 
 EXIT_OK, EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 130
 CHECKPOINT_S = 20.0  # flush a running comparison to its folder this often
@@ -50,18 +52,16 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(t) for t in _csv(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+def _numbers(cast: type, what: str):
+    def parse(text: str) -> list:
+        try:
+            return [cast(t) for t in _csv(text)]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+    return parse
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(t) for t in _csv(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+_ints, _floats = _numbers(int, "integers"), _numbers(float, "numbers")
 
 
 def _value(text: str) -> Any:
@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--export-weights", action="store_true", help="save the merged analysed weights at the start and the end")
     add("--lr-auto", action="store_true", default=None, help="sweep each method's suggested learning rate /3, x1, x3 and report "
         "each method at its best rate on the validation split (needs --val-samples)")
+    add("--shared-lr", action="store_true", help="every method at --lr (default on MiniLM + fine_foods: each "
+        "method at its suggested rate, docs/measured/learning_rates.md; giving --lr also does this)")
     add("--out", help="output folder (default: $BORA_LAB_RUNS/<time>-<random>, else runs/<time>-<random>)")
     add("--no-html", action="store_true", help="skip figures.html")
     add("--quiet", action="store_true", help="no progress output")
@@ -193,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", choices=["merged", "peft"], default="merged",
                     help="merged: save_pretrained of the merged model (default); peft: PeftModel.from_pretrained")
     ex.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    add_reproduce_parser(sub)
     app = sub.add_parser("app", help="open the app (same as `python app.py`)",
                          description="Serve the Gradio app on http://127.0.0.1:7860 "
                          "(GRADIO_SERVER_NAME, GRADIO_SERVER_PORT change it).")
@@ -238,8 +241,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         given["export_weights"] = True
     if args.lr_auto:
         given["lr_auto"] = True
+    if args.shared_lr:
+        given["per_method_lr"] = False
     saved = read_config_file(args.config) if getattr(args, "config", None) else {}
-    chosen = {**saved, **given}
+    chosen = lr_choice({**saved, **given}, given)
     return RunConfig(**{**task_defaults(chosen.get("task", RunConfig.task)), **chosen})
 
 
@@ -375,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     try:
         return {"list": cmd_list, "app": cmd_app, "compare": cmd_compare, "predict": cmd_predict,
-                "export": cmd_export}[args.command](args)
+                "export": cmd_export, "reproduce": cmd_reproduce}[args.command](args)
     except BrokenPipeError:  # `bora-lab list | head`: the reader left; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK

@@ -16,6 +16,7 @@ MAIN, TRAINING, MODULES, COLUMNS, MORE = ("", "Training details", "Adapted and a
                                           "Custom dataset columns", "More settings")
 GROUPS = (MAIN, TRAINING, MODULES, COLUMNS, MORE)  # the app's order: main column, then one accordion each
 DEVICES = ("auto", "cpu", "cuda", "mps")
+MEASURED_MODELS = ("minilm", "offline:all-minilm-l6-v2", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")  # where methods.rates was measured
 
 
 def setting(default: Any, label: str, help: str, group: str | None = MORE, *, min: float | None = None,
@@ -58,6 +59,10 @@ class RunConfig:
     alpha: float = setting(16.0, "Alpha", "LoRA scaling numerator, s = alpha / r", MAIN, min=0)
     # 2e-3 already stalls DoRA/BoRA at batch size 8 on fine_foods
     lr: float = setting(1e-3, "Learning rate", "AdamW peak learning rate", MAIN, above=0, max=1e6)
+    per_method_lr: bool = setting(True, "Each method at its suggested rate", "on the default model and task "
+                                  "(MiniLM, fine_foods), where the rates were measured (docs/measured/"
+                                  "learning_rates.md), each method trains at its own suggested rate; off, or "
+                                  "on any other model or task, every method uses the rate above", MAIN, flag="")
     match_params: str | None = setting(None, "Match parameters to", "give every method the largest rank whose "
                                        "adapter parameters do not exceed this method's at each chosen rank (BoRA "
                                        "paper, table 3); empty = the same rank for all", MAIN)
@@ -176,12 +181,19 @@ class RunConfig:
         return self.lr_auto or len(set(self.lrs or [])) > 1
 
     def run_lrs(self, method: str) -> list[float]:
-        """The learning rates ``method`` trains with: its auto grid, ``lrs``, or ``[lr]``."""
-        if self.lr_auto:
-            from bora_lab.methods.rates import auto_grid
+        """The learning rates ``method`` trains with: its auto grid, ``lrs``, its suggested rate, or ``[lr]``."""
+        from bora_lab.methods.rates import auto_grid, suggested_lr  # late: keep config importable on its own
 
+        if self.lr_auto:
             return auto_grid(method)
-        return list(dict.fromkeys(self.lrs)) if self.lrs else [self.lr]
+        if self.lrs:
+            return list(dict.fromkeys(self.lrs))
+        return [suggested_lr(method)] if self.suggested_rates_apply() else [self.lr]
+
+    def suggested_rates_apply(self) -> bool:
+        """Whether each method trains at its own suggested rate: ``per_method_lr`` on the model and task
+        the rates were measured on (MiniLM on fine_foods), with no sweep."""
+        return bool(self.per_method_lr and self.task == "fine_foods" and self.model.strip().lower() in MEASURED_MODELS)
 
     def run_plan(self) -> list[tuple[str, str, int, int, float]]:
         """``(run_id, method, rank, seed, lr)`` for every run: methods outer, then ranks, rates, seeds.
@@ -218,7 +230,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**{k: v for k, v in lr_choice(d).items() if k in known})
 
 
 class SettingError(ValueError):
@@ -285,3 +297,13 @@ def settings(group: str | None = "any") -> list[Field]:
 def default_of(f: Field) -> Any:
     """The default value of a ``RunConfig`` field."""
     return f.default_factory() if f.default is MISSING else f.default
+
+
+def lr_choice(settings: dict[str, Any], given: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``settings`` with ``per_method_lr`` off where a learning rate was asked for and the per-method
+    choice was not: a rate given (a ``--lr`` flag in ``given``, or ``lr`` in a saved file or lesson that
+    predates ``per_method_lr``) is the rate every method trains at."""
+    given = settings if given is None else given
+    if "per_method_lr" not in given and ("lr" in given or ("lr" in settings and "per_method_lr" not in settings)):
+        return {**settings, "per_method_lr": False}
+    return settings

@@ -14,7 +14,7 @@ from bora_lab.record.aggregate import aggregate, aggregate_rows, group_key, pair
 def test_run_plan_with_and_without_seeds():
     one = RunConfig(methods=["lora", "bitfit"], ranks=[4, 8])
     assert [r[0] for r in one.run_plan()] == ["lora-r4", "lora-r8", "bitfit"]
-    many = RunConfig(methods=["lora", "bitfit"], ranks=[4], seeds=[3, 1])
+    many = RunConfig(methods=["lora", "bitfit"], ranks=[4], seeds=[3, 1], per_method_lr=False)
     assert many.run_plan() == [("lora-r4-s3", "lora", 4, 3, 1e-3), ("lora-r4-s1", "lora", 4, 1, 1e-3),
                                ("bitfit-s3", "bitfit", 0, 3, 1e-3), ("bitfit-s1", "bitfit", 0, 1, 1e-3)]
     assert many.seed == 3  # the comparison's seed (its eval subset) is the first
@@ -23,6 +23,21 @@ def test_run_plan_with_and_without_seeds():
         RunConfig(seeds=[1.5])
     with pytest.raises(SettingError, match="seeds"):
         RunConfig(seeds=[-1])
+
+
+def test_each_method_at_its_suggested_rate_where_the_rates_were_measured():
+    from bora_lab.config import lr_choice
+    from bora_lab.methods.rates import suggested_lr
+
+    cfg = RunConfig(methods=["lora", "full", "prompt"])  # MiniLM on fine_foods: each at its own rate
+    assert [lr for *_, lr in cfg.run_plan()] == [suggested_lr("lora"), suggested_lr("full"), suggested_lr("prompt")]
+    assert len({lr for *_, lr in cfg.run_plan()}) == 3
+    assert {lr for *_, lr in RunConfig(methods=["lora", "full"], per_method_lr=False).run_plan()} == {1e-3}
+    other = RunConfig(methods=["lora", "full"], task="synthetic_col", model="linear", lr=0.01)
+    assert {lr for *_, lr in other.run_plan()} == {0.01}  # measured on the default task only
+    assert lr_choice({"lr": 0.002}) == {"lr": 0.002, "per_method_lr": False}  # an old file: its rate is kept
+    assert lr_choice({"lr": 0.002, "per_method_lr": True}) == {"lr": 0.002, "per_method_lr": True}
+    assert RunConfig.from_dict({"methods": ["full"], "lr": 0.002}).run_plan()[0][-1] == 0.002
 
 
 def test_form_parses_seed_ranges_with_a_bound():

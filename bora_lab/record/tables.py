@@ -16,7 +16,7 @@ def _round(v: Any, digits: int = 4) -> Any:
 def results_table(results: dict) -> list[dict[str, Any]]:
     """One row per run (works on partial results): the CLI prints it, the app shows it.
 
-    Columns: run, method, rank, status, trainable params, trainable %, adapter params, head params
+    Columns: run, method, rank, status, lr (when the runs' rates differ), trainable params, trainable %, adapter params, head params
     (trainable params split into the method's own and the task head's), final loss, the task's
     metric, median step (s), peak mem (MiB), ΔM row, ΔM col, ΔD row, ΔD col (mean over analysed
     modules, from the start), ΔM row/col (the asymmetry ratio); with a validation split also the
@@ -25,10 +25,12 @@ def results_table(results: dict) -> list[dict[str, Any]]:
     task = results.get("task", {})
     metric = task.get("metric") or "metric"
     rows = []
+    rates = {run.get("lr") for run in results.get("runs", [])}
     for run in results.get("runs", []):
         s = run.get("summary") or summarize(run, task)
         rows.append({
             "run": run["run_id"], "method": run["method"], "rank": run["rank"] or "-", "status": s.get("status") or run.get("status"),
+            **({"lr": run.get("lr")} if len(rates) > 1 else {}),  # each method at its own rate
             "trainable params": s.get("trainable_params"), "trainable %": _round(s.get("trainable_pct"), 3),
             "adapter params": s.get("adapter_params"), "head params": s.get("head_params"),
             "final loss": _round(s.get("final_loss")), metric: _round(s.get("eval_metric")),

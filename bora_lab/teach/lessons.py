@@ -27,7 +27,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from bora_lab.config import RunConfig
+from bora_lab.config import RunConfig, lr_choice
 
 SCHEMA_VERSION = 1
 LESSON_DIR = Path(__file__).with_name("lessons")
@@ -256,4 +256,4 @@ def lesson_config(lesson: dict[str, Any], base: RunConfig | None = None) -> RunC
             raise LessonError(f"none of this lesson's methods is available here: {', '.join(sorted(missing))}")
         if settings.get("method_options"):
             settings["method_options"] = {k: v for k, v in settings["method_options"].items() if k not in missing}
-    return RunConfig.from_dict({**(base or RunConfig()).to_dict(), **settings})
+    return RunConfig.from_dict({**(base or RunConfig()).to_dict(), **lr_choice(settings)})
