@@ -24,6 +24,7 @@ def add_reproduce_parser(sub: Any) -> None:
                        "and print our value with its 95% interval next to the paper's, and a verdict.")
     r.add_argument("claim", nargs="?", metavar="CLAIM", help="a claim id (see --list)")
     r.add_argument("--list", action="store_true", help="list the claims and their recorded verdicts")
+    r.add_argument("--markdown", action="store_true", help="with --list: every record as Markdown tables")
     r.add_argument("--seeds", type=_seeds, help="seeds instead of the claim's, e.g. 0,1,2,3,4 (training claims)")
     r.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="change one comparison setting (a RunConfig field, JSON value), repeatable, e.g. steps=300")
@@ -77,6 +78,11 @@ def format_record(rec: dict[str, Any]) -> str:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from .teach import claims
 
+    if args.list and args.markdown:
+        from .teach.claims.text import records_markdown
+
+        print(records_markdown([(c, claims.record_of(c["id"])) for c in claims.catalogue()]), end="")
+        return 0
     if args.list or not args.claim:
         for c in claims.catalogue():
             rec = claims.record_of(c["id"])
