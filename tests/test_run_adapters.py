@@ -152,3 +152,60 @@ def test_cli_export(tmp_path, capsys):
     assert main(["export", str(tmp_path / "run"), "--run", "lora-r4", "--format", "peft", "--out",
                  str(tmp_path / "peft")]) == 0
     assert (tmp_path / "peft" / "adapter_config.json").is_file()
+
+
+def test_reload_rebuilds_each_seed_of_a_comparison(tmp_path, end_logits):
+    """A run of a multi-seed comparison comes back with its own seed: with an untrained (seeded, unsaved)
+    head, the comparison's first seed would give other logits, and the comparison's eval subset."""
+    cfg = RunConfig(methods=["lora", "vera"], seeds=[0, 1], head="none", **{**BASE, "steps": 2, "eval_every": 2})
+    results = api.run(cfg, out_dir=tmp_path, html=False)
+    runs = {r["run_id"]: r for r in results["runs"]}
+    for run_id in ("lora-r4-s1", "vera-r4-s1"):
+        loaded = load_run(tmp_path, run_id)
+        assert loaded.cfg.seed == 1 and loaded.cfg.seeds is None and loaded.which == "final" and loaded.step == 2
+        torch.testing.assert_close(_logits(loaded.model, loaded.pipeline), end_logits[run_id], atol=1e-6, rtol=1e-6)
+        metrics = loaded.pipeline.evaluate(loaded.model, torch.device("cpu"))
+        recorded = runs[run_id]["eval"][-1]["metrics"]
+        assert metrics.keys() == recorded.keys()
+        assert all(abs(float(metrics[k]) - recorded[k]) < 1e-6 for k in recorded)
+    with pytest.raises(FileNotFoundError, match="no validation split"):
+        load_run(tmp_path, "lora-r4-s1", which="best")
+
+
+def test_best_validation_checkpoint_is_saved_and_reloads(tmp_path, monkeypatch):
+    """With a validation split every run also keeps its adapter at its best validation evaluation (the
+    accumulator's best_step), and a cancelled run keeps the best it reached."""
+    seen: dict[tuple[str, int], torch.Tensor] = {}
+    evaluate = runstate.RunState.evaluate
+
+    def record(self, per_example=False, split="test"):
+        if split == "val":
+            seen[self.run_id, self.steps_done] = _logits(self.model, self.pipeline)
+        return evaluate(self, per_example=per_example, split=split)
+
+    monkeypatch.setattr(runstate.RunState, "evaluate", record)
+    cancel = threading.Event()
+
+    def on_event(ev):
+        if ev.kind == "step" and ev.step == 3:
+            cancel.set()
+
+    cfg = RunConfig(methods=["lora"], val_samples=16, lr=0.02, **{**BASE, "steps": 50, "eval_every": 1,
+                                                                   "analyze_every": 25})
+    results = api.run(cfg, cancel=cancel, on_event=on_event, out_dir=tmp_path, html=False)
+    run = results["runs"][0]
+    best = run["summary"]["best_step"]
+    assert run["status"] == "cancelled" and best in (1, 2, 3) and {k for k, _ in seen} == {"lora-r4"}
+    folder = tmp_path / "adapters" / "lora-r4"
+    meta = json.loads((folder / "adapter_config.json").read_text())
+    assert meta["best_step"] == best and meta["step"] == 3 and (folder / "adapter_best.safetensors").is_file()
+    loaded = load_run(tmp_path, "lora-r4", which="best")
+    assert loaded.which == "best" and loaded.step == best
+    torch.testing.assert_close(_logits(loaded.model, loaded.pipeline), seen["lora-r4", best], atol=1e-6, rtol=1e-6)
+    metric = results["task"]["metric"]
+    val = loaded.pipeline.evaluate(loaded.model, torch.device("cpu"), split="val")
+    assert abs(float(val[metric]) - run["summary"]["best_val_metric"]) < 1e-6
+    final = load_run(tmp_path, "lora-r4")
+    torch.testing.assert_close(_logits(final.model, final.pipeline), seen["lora-r4", 3], atol=1e-6, rtol=1e-6)
+    if best != 3:  # (ties keep the first: here step 1) the two files hold different models
+        assert not torch.allclose(seen["lora-r4", best], seen["lora-r4", 3])

@@ -3,14 +3,18 @@
     from bora_lab.engine.reload import load_run
     run = load_run("runs/20261203-...", "dora-r8")
     run.model(**batch).logits      # the model as it was at the end of training (eval mode)
+    best = load_run("runs/20261203-...", "dora-r8", which="best")  # at its best validation evaluation
 
 The folder keeps only what training changed (``adapters/<run_id>/adapter.safetensors``: the adapter,
-the trained head, the adapter modules' buffers); the base is rebuilt from the model id of
-``config.json`` exactly as the engine built it (same seed, same head initialisation, same adapter
-initialisation), then the tensors are loaded over it.
+the trained head, the adapter modules' buffers; ``adapter_best.safetensors``: the same at the best
+validation evaluation, when the comparison had a validation split); the base is rebuilt from the model
+id of ``config.json`` exactly as the engine built that run: with the run's own seed (head and adapter
+initialisation, frozen random factors such as VeRA's, batch order) and the comparison's eval subset
+(``eval_seed = cfg.seed``, as :func:`bora_lab.engine.trainer.compare`), then the tensors are loaded over it.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,27 +29,36 @@ from .runstate import RunState, pick_device
 from .tasks import load_task
 from .trainer import make_pipeline
 
+CHECKPOINTS = {"final": "adapter.safetensors", "best": "adapter_best.safetensors"}
+
 
 @dataclass
 class LoadedRun:
-    """A trained run, rebuilt: ``model`` (eval mode), the ``pipeline`` (tokenizer, eval data), its config."""
+    """A trained run, rebuilt: ``model`` (eval mode), the ``pipeline`` (tokenizer, eval data), the run's
+    config (the comparison's, with the run's seed), which checkpoint (``"final"``/``"best"``) at which step."""
 
     run_id: str
     model: torch.nn.Module
     pipeline: Pipeline
     cfg: RunConfig
     adapter_config: dict[str, Any]
+    which: str = "final"
+    step: int | None = None
 
 
-def load_run(run_dir: str | Path, run_id: str, device: str = "cpu") -> LoadedRun:
-    """The model of ``run_id`` as it was at the end of its training.
+def load_run(run_dir: str | Path, run_id: str, device: str = "cpu", which: str = "final") -> LoadedRun:
+    """The model of ``run_id`` as it was at the end of its training (``which="final"``) or at its best
+    validation evaluation (``which="best"``, the step ``adapter_config["best_step"]``, as ``results.json``).
 
     Raises:
-        FileNotFoundError: the folder has no saved tensors for that run.
+        FileNotFoundError: the folder has no saved tensors for that run (or no best checkpoint: the
+            comparison had no validation split).
         ValueError: the run's tensors were not kept (the reason is given), or do not fit the model.
     """
     from safetensors.torch import load_file
 
+    if which not in CHECKPOINTS:
+        raise ValueError(f"which must be one of {', '.join(CHECKPOINTS)}, got {which!r}")
     folder = Path(run_dir)
     meta_path = folder / ADAPTERS_DIR / run_id / "adapter_config.json"
     if not meta_path.is_file():
@@ -53,21 +66,28 @@ def load_run(run_dir: str | Path, run_id: str, device: str = "cpu") -> LoadedRun
     meta = json.loads(meta_path.read_text())
     if not meta.get("saved"):
         raise ValueError(f"run {run_id!r} kept no tensors: {meta.get('reason')}")
+    path = folder / ADAPTERS_DIR / run_id / CHECKPOINTS[which]
+    if not path.is_file():
+        raise FileNotFoundError(f"run {run_id!r} has no best-validation checkpoint: its comparison had no "
+                                "validation split (val_samples = 0)" if which == "best"
+                                else f"run {run_id!r} has no {path.name} in {folder.name}")
     cfg = RunConfig.from_dict(json.loads((folder / "config.json").read_text()))
-    specs = {rid: (method, rank) for rid, method, rank in cfg.run_specs()}
-    if run_id not in specs:
-        raise ValueError(f"run {run_id!r} is not in this comparison; runs: {', '.join(specs)}")
-    method, rank = specs[run_id]
-    pipeline = make_pipeline(cfg, load_task(cfg))
-    state = RunState(run_id, method, rank, cfg, pipeline, pick_device(device), None)
-    tensors = load_file(str(folder / ADAPTERS_DIR / run_id / "adapter.safetensors"))
+    plan = {rid: (method, rank, seed) for rid, method, rank, seed, _ in cfg.run_plan()}
+    if run_id not in plan:
+        raise ValueError(f"run {run_id!r} is not in this comparison; runs: {', '.join(plan)}")
+    method, rank, seed = plan[run_id]
+    run_cfg = dataclasses.replace(cfg, seed=seed, seeds=None)  # as compare() builds each seed's runs
+    pipeline = make_pipeline(run_cfg, load_task(cfg), eval_seed=cfg.seed)
+    state = RunState(run_id, method, rank, run_cfg, pipeline, pick_device(device), None)
+    tensors = load_file(str(path))
     result = state.model.load_state_dict(tensors, strict=False)
     trained = {n for n, p in state.model.named_parameters() if p.requires_grad}
     if result.unexpected_keys or trained - set(tensors):
         raise ValueError(f"the saved tensors do not fit {method!r} on {cfg.model!r}: unexpected "
                          f"{result.unexpected_keys[:3]}, missing {sorted(trained - set(tensors))[:3]}")
     model = state.model.eval()
-    return LoadedRun(run_id, model, pipeline, cfg, meta)
+    step = meta.get("best_step") if which == "best" else meta.get("step")
+    return LoadedRun(run_id, model, pipeline, run_cfg, meta, which, step)
 
 
 @torch.no_grad()
@@ -129,9 +149,9 @@ def export_merged(run: LoadedRun, out_dir: str | Path) -> Path:
     if not (info["mergeable"] or method in _PLAIN_AFTER_TRAINING):
         raise ValueError(f"{method!r} adds modules or inputs that a plain model does not have: no merged export "
                          "(it changes the input or adds layers, not the weights)")
-    model = run.model
+    model, pristine = run.model, run.pipeline.pristine()
     for name, layer in list(adapter_layers(model)):
-        if type(layer.base).__name__ == "Conv1D" or type(model.get_submodule(name)).__name__ == "Conv1D":
+        if type(pristine.get_submodule(name)).__name__ == "Conv1D":  # wrapped as a Linear: check the original
             raise ValueError("merged export of GPT-2-style Conv1D layers is not supported")
         w, b = layer.effective_weight(), layer.bias
         plain = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
@@ -149,7 +169,14 @@ def export_merged(run: LoadedRun, out_dir: str | Path) -> Path:
 
 
 def export_peft(run: LoadedRun, out_dir: str | Path) -> Path:
-    """Save the trained run as a PEFT adapter (``PeftModel.from_pretrained``); lora, rslora, dora."""
+    """Save the trained run as a PEFT adapter (``PeftModel.from_pretrained`` on the run's base model).
+
+    Which methods and how: :mod:`bora_lab.methods.peft_export` and ``docs/export.md``.
+
+    Raises:
+        ValueError: the method has no PEFT equivalent (the message says why and whether
+            ``export_merged`` applies).
+    """
     from ..methods import export_peft as to_peft
 
-    return to_peft(run.model, out_dir, base_model_name_or_path=run.cfg.model)
+    return to_peft(run.model, out_dir, base_model_name_or_path=run.cfg.model, total_steps=run.cfg.steps)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from .. import methods
 from ..analysis.weights import WeightTracker
 from ..config import RunConfig
+from ..record.files import BEST_PREFIX
 from .pipeline import Pipeline, to_device
 from .streams import get_rng, set_rng
 
@@ -213,6 +214,7 @@ class RunState:
         self.first_loss: float | None = None
         self.steps_done = 0  # optimizer steps taken
         self.recent_losses: collections.deque[float] = collections.deque(maxlen=DIVERGED_WINDOW)
+        self.best_step, self._best = None, None  # best validation evaluation so far: step; (metric, tensors)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(cfg.seed)  # every run gets the same dropout stream, in any schedule
             self._rng = self._get_rng()
@@ -294,6 +296,8 @@ class RunState:
                 out = self.pipeline.evaluate(self.model, self.device, per_example=per_example, split=split)
             metrics, examples = out if per_example else (out, None)
             metrics = {k: float(v) for k, v in metrics.items()}
+            if split == "val":
+                self._keep_if_best(metrics)
             return (metrics, examples) if per_example else metrics
         finally:
             self.model.train()
@@ -337,20 +341,45 @@ class RunState:
         return deltas, info, w0, time.perf_counter() - t0
 
     @torch.no_grad()
-    def adapter_state(self) -> tuple[dict[str, Tensor] | None, str | None]:
-        """``(tensors, reason)``: the trainable parameters and the adapter modules' persistent buffers
-        (CPU copies), enough to rebuild the trained model from the pristine one; ``(None, why)`` when
-        they pass ``ADAPTER_SAVE_BYTES`` (full fine-tuning trains the whole model)."""
-        tensors = {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+    def _keep_if_best(self, metrics: dict[str, float]) -> None:
+        """Keep a CPU copy of the trained tensors if this validation evaluation is the best so far, by the
+        accumulator's rule (``_is_best``: the primary metric, finite, strictly better, so the first of
+        equals wins); ``best_step`` also goes into the model's config (``adapter_config.json``)."""
+        task = self.pipeline.task
+        new, old = metrics.get(task.metric or "loss"), self._best[0] if self._best else None
+        if new is None or not math.isfinite(new):
+            return
+        if old is None or (new > old if task.higher_is_better else new < old):
+            tensors, _ = self._trained_tensors()
+            if tensors is not None:
+                self._best, self.best_step = (new, tensors), self.steps_done
+                getattr(self.model, "bora_lab_config", {})["best_step"] = self.steps_done
+
+    @torch.no_grad()
+    def _trained_tensors(self) -> tuple[dict[str, Tensor] | None, int]:
+        """``(CPU copies, bytes)`` of the trainable parameters and the adapter modules' persistent buffers;
+        ``(None, bytes)``, copying nothing, past ``ADAPTER_SAVE_BYTES``."""
+        tensors = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         owners = [n for n, m in self.model.named_modules() if isinstance(m, methods.AdapterLinear)
                   or n.rsplit(".", 1)[-1].startswith("bora_")]
         for name, buf in self.model.state_dict().items():
             if name not in tensors and any(name.startswith(o + ".") for o in owners) and ".base." not in name:
-                tensors[name] = buf.detach().cpu().clone()
+                tensors[name] = buf
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         if size > ADAPTER_SAVE_BYTES:
+            return None, size
+        return {n: t.detach().cpu().clone() for n, t in tensors.items()}, size
+
+    def adapter_state(self) -> tuple[dict[str, Tensor] | None, str | None]:
+        """``(tensors, reason)``: the trainable parameters and the adapter modules' persistent buffers (CPU
+        copies), enough to rebuild the trained model from the pristine one, and under ``BEST_PREFIX`` the
+        same at ``best_step``; ``(None, why)`` past ``ADAPTER_SAVE_BYTES`` (e.g. full fine-tuning)."""
+        tensors, size = self._trained_tensors()
+        if tensors is None:
             return None, (f"{size / 2**20:.0f} MB of trained tensors (more than {ADAPTER_SAVE_BYTES // 2**20} MB): "
                           f"{self.method} trains most of the model, so it is not kept")
+        if self._best is not None:
+            tensors.update({BEST_PREFIX + n: t for n, t in self._best[1].items()})
         return tensors, None
 
     @torch.no_grad()

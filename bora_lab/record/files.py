@@ -44,23 +44,40 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 ADAPTERS_DIR = "adapters"
+# Keys of ``AdapterState.tensors`` under this prefix are the copy taken at the best validation evaluation
+# (``RunState.adapter_state``); module names never contain "/", so they cannot clash with the end tensors.
+BEST_PREFIX = "best/"
+
+
+def _save_tensors(tensors: dict[str, Any], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
 
 
 def save_adapters(adapters: dict[str, Any], out_dir: str | Path) -> None:
-    """``adapters/<run_id>/adapter.safetensors`` (trained tensors) and ``adapter_config.json`` (method,
-    options, targets, head, step) for every run's ``AdapterState`` that kept its tensors."""
-    from safetensors.torch import save_file
-
+    """``adapters/<run_id>/adapter.safetensors`` (trained tensors at the end), ``adapter_best.safetensors``
+    (the same tensors at the best validation evaluation, when the comparison has a validation split) and
+    ``adapter_config.json`` (method, options, targets, head, step, ``best_step``) for every run's
+    ``AdapterState`` that kept its tensors."""
     for run_id, ev in adapters.items():
         folder = Path(out_dir) / ADAPTERS_DIR / run_id
         folder.mkdir(parents=True, exist_ok=True)
+        tensors = ev.tensors or {}
+        best = {k[len(BEST_PREFIX):]: v for k, v in tensors.items() if k.startswith(BEST_PREFIX)}
         if ev.tensors is not None:
-            tmp = folder / ".adapter.safetensors.tmp"
-            save_file({k: v.contiguous() for k, v in ev.tensors.items()}, str(tmp))
-            os.replace(tmp, folder / "adapter.safetensors")
+            _save_tensors({k: v for k, v in tensors.items() if not k.startswith(BEST_PREFIX)},
+                          folder / "adapter.safetensors")
+        if best:
+            _save_tensors(best, folder / "adapter_best.safetensors")
+        else:
+            (folder / "adapter_best.safetensors").unlink(missing_ok=True)
+        config = {k: v for k, v in ev.config.items() if best or k != "best_step"}
         _write_atomic(folder / "adapter_config.json", json.dumps(json_safe(
             {"run_id": run_id, "step": ev.step, "saved": ev.tensors is not None, "reason": ev.reason,
-             **ev.config}), indent=1, default=str))
+             **config}), indent=1, default=str))
 
 
 def save_results(results: dict[str, Any], out_dir: str | Path, weights: dict[str, Any] | None = None,
