@@ -11,6 +11,13 @@ import pytest
 from bora_lab.teach import claims
 from bora_lab.teach.claims import training
 
+@pytest.fixture(autouse=True)
+def claims_cache(tmp_path, monkeypatch):
+    """Training claims keep their comparison in a cache folder: a temporary one here."""
+    monkeypatch.setenv("BORA_LAB_CLAIMS_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
 TINY = {"num_layers": 2, "steps": 4, "eval_every": 2, "eval_samples": 16, "analyze_every": 2, "max_length": 24,
         "batch_size": 4, "num_threads": 1}
 
@@ -112,12 +119,22 @@ def test_step_time_ratio_per_seed():
 def test_training_claim_end_to_end_on_a_tiny_budget(tmp_path):
     rec = claims.reproduce("bora-dora-row", seeds=[0, 1], overrides=TINY, out_dir=tmp_path)
     assert rec["verdict"] in claims.VERDICTS and rec["seeds"] == [0, 1]
-    assert "2 layers" in rec["budget"] and "4 runs" in rec["budget"] and "Changed from the catalogue" in rec["explanation"]
+    assert "2 layers" in rec["budget"] and "10 runs" in rec["budget"] and "Changed from the catalogue" in rec["explanation"]
     diff = rec["rows"][0]
     assert diff["unit"] == "accuracy points" and diff["ours"]["n"] == 2
     assert (tmp_path / "results.json").is_file()  # the run folder is kept where asked
     saved = claims.save_record(rec, tmp_path / "records")
     assert json.loads(saved.read_text())["claim"] == "bora-dora-row"
+
+
+def test_claims_with_the_same_settings_train_once(claims_cache, monkeypatch):
+    from bora_lab.engine import trainer
+
+    first = claims.reproduce("bora-asymmetry", seeds=[0, 1], overrides=TINY)
+    assert [p.name for p in claims_cache.iterdir()] and len(list(claims_cache.iterdir())) == 1
+    monkeypatch.setattr(trainer, "run", lambda *a, **k: pytest.fail("the shared comparison was trained again"))
+    slopes = claims.reproduce("dora-slopes", seeds=[0, 1], overrides=TINY)  # same settings: read from the cache
+    assert slopes["budget"] == first["budget"] and len(slopes["rows"]) == 3
 
 
 def test_a_cancelled_claim_records_nothing():

@@ -7,7 +7,10 @@ and test examples), the ΔM/ΔD snapshots, the step times and the layer checkpoi
 from __future__ import annotations
 
 import dataclasses
-import tempfile
+import hashlib
+import json
+import os
+import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -20,10 +23,32 @@ from bora_lab.config import RunConfig
 def claim_config(claim: dict[str, Any], seeds: list[int] | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """The comparison a training claim runs: its settings, then ``overrides``, with its (or the given) seeds."""
     from bora_lab.config import lr_choice
+    from bora_lab.engine.tasks import task_defaults
 
     exp = claim["experiment"]
-    settings = lr_choice({**exp["settings"], **(overrides or {})}, overrides or {})
+    chosen = lr_choice({**exp["settings"], **(overrides or {})}, overrides or {})
+    settings = {**task_defaults(chosen.get("task", RunConfig.task)), **chosen}  # as the CLI: the task's suggestions
     return RunConfig(**{**settings, "seeds": list(seeds or exp["seeds"])})
+
+
+def cache_dir(cfg: RunConfig) -> Path:
+    """Where the comparison of ``cfg`` is kept: ``$BORA_LAB_CLAIMS_CACHE`` (default ``$BORA_LAB_RUNS/claims``,
+    else ``runs/claims``) / a hash of its settings (CPU threads left out: they do not change the numbers).
+    Several claims share one comparison (the catalogue gives them the same settings): it trains once."""
+    root = os.environ.get("BORA_LAB_CLAIMS_CACHE") or os.path.join(os.environ.get("BORA_LAB_RUNS", "runs"), "claims")
+    settings = {k: v for k, v in cfg.to_dict().items() if k != "num_threads"}
+    return Path(root) / hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cached_results(folder: Path) -> dict[str, Any] | None:
+    """The finished comparison saved in ``folder``, or None (absent, unfinished or unreadable)."""
+    from bora_lab.record import load_results
+
+    try:
+        results = load_results(folder)
+    except (OSError, ValueError):
+        return None
+    return results if results.get("status") == "done" else None
 
 
 def budget_text(cfg: RunConfig, results: dict[str, Any]) -> str:
@@ -202,17 +227,19 @@ def run(claim: dict[str, Any], *, seeds: list[int] | None, overrides: dict[str, 
 
     cfg = claim_config(claim, seeds, overrides)
     kind = claim["experiment"]["kind"]
-    with tempfile.TemporaryDirectory(prefix="bora-claim-") as tmp:
-        folder = Path(out_dir) if out_dir else Path(tmp)
+    folder = Path(out_dir) if out_dir else cache_dir(cfg)
+    results = cached_results(folder) if kind != "step_time" else None  # time is measured afresh, never cached
+    if results is None:
+        shutil.rmtree(folder / "layers", ignore_errors=True)  # an unfinished earlier attempt
         results = train(cfg, cancel=cancel, on_event=on_event, out_dir=folder)
-        if results.get("status") != "done":
-            raise ClaimError(f"the experiment did not finish ({results.get('status')}: {results.get('message') or ''}); "
-                             "nothing is recorded" + (f"; its runs are in {folder}" if out_dir else ""))
-        if kind == "update_rank":
-            rows, how = _update_rank(claim, results, folder)
-        else:
-            rows, how = {"asymmetry": _asymmetry, "slopes": _slopes, "difference": _difference,
-                         "step_time": _step_time}[kind](claim, results)
+    if results.get("status") != "done":
+        raise ClaimError(f"the experiment did not finish ({results.get('status')}: {results.get('message') or ''}); "
+                         f"nothing is recorded; its runs are in {folder}")
+    if kind == "update_rank":
+        rows, how = _update_rank(claim, results, folder)
+    else:
+        rows, how = {"asymmetry": _asymmetry, "slopes": _slopes, "difference": _difference,
+                     "step_time": _step_time}[kind](claim, results)
     verdict = combine([r["verdict"] for r in rows if r["verdict"]])
     changed = {k: v for k, v in (overrides or {}).items() if claim["experiment"]["settings"].get(k) != v}
     note = f" Changed from the catalogue: {changed}." if changed else ""
