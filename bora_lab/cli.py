@@ -31,6 +31,7 @@ import time
 from typing import Any
 
 from .cli_claims import add_reproduce_parser, cmd_reproduce
+from .cli_runs import add_run_parsers, cmd_export, cmd_predict
 from .cli_output import Progress, format_table, overhead, threads_text, verdict_lines
 from .config import RunConfig, default_of, lr_choice, settings
 
@@ -178,23 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--no-html", action="store_true", help="skip figures.html")
     add("--quiet", action="store_true", help="no progress output")
     sub.add_parser("list", help="list the methods and tasks", description="List the methods and tasks.")
-    pr = sub.add_parser("predict", help="what a trained run says about some text",
-                        description="Rebuild a run of a saved comparison (its adapters/ folder) and classify, "
-                        "score or continue each TEXT.")
-    pr.add_argument("run_dir", metavar="RUN_DIR", help="a comparison's folder (what `compare --out` wrote)")
-    pr.add_argument("texts", metavar="TEXT", nargs="+", help="one or more texts")
-    pr.add_argument("--run", required=True, metavar="ID", help="the run id, e.g. dora-r8 (see results.json)")
-    pr.add_argument("--max-new-tokens", type=int, default=30, help="causal LM: tokens to generate (default: 30)")
-    pr.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    ex = sub.add_parser("export", help="save a trained run as a PEFT adapter or a plain merged model",
-                        description="Rebuild a run of a saved comparison and save it as a PEFT adapter (lora, "
-                        "rslora, dora) or as a merged transformers model (every mergeable method, and bitfit, "
-                        "head, features, full_model), loadable without BoRA Lab.")
-    ex.add_argument("run_dir", metavar="RUN_DIR", help="a comparison's folder (what `compare --out` wrote)")
-    ex.add_argument("--run", required=True, metavar="ID", help="the run id, e.g. bora-r8 (see results.json)")
-    ex.add_argument("--format", choices=["merged", "peft"], default="merged",
-                    help="merged: save_pretrained of the merged model (default); peft: PeftModel.from_pretrained")
-    ex.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    add_run_parsers(sub)
     add_reproduce_parser(sub)
     app = sub.add_parser("app", help="open the app (same as `python app.py`)",
                          description="Serve the Gradio app on http://127.0.0.1:7860 "
@@ -334,35 +319,6 @@ def default_out_dir() -> str:
     and two runs started in the same second get different folders."""
     return os.path.join(os.environ.get("BORA_LAB_RUNS", "runs"),
                         f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}")
-
-
-def cmd_predict(args: argparse.Namespace) -> int:
-    from .engine.reload import load_run, predict
-
-    if not 1 <= args.max_new_tokens <= 1024:
-        raise ValueError(f"--max-new-tokens must be between 1 and 1024, got {args.max_new_tokens}")
-    out = predict(load_run(args.run_dir, args.run), args.texts, args.max_new_tokens)
-    if args.json:
-        print(json.dumps(out, indent=1))
-        return EXIT_OK
-    for row in out:
-        if "probabilities" in row:
-            probs = ", ".join(f"{k} {v:.3f}" for k, v in row["probabilities"].items())
-            print(f"{row['label']:<10} ({probs})  {row['text']}")
-        elif "value" in row:
-            print(f"{row['value']:<10.4g} {row['text']}")
-        else:
-            print(f"{row['text']} -> {row['continuation']}")
-    return EXIT_OK
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from .engine.reload import export_merged, export_peft, load_run
-
-    run = load_run(args.run_dir, args.run)
-    out = (export_peft if args.format == "peft" else export_merged)(run, args.out)
-    print(f"saved {args.run} ({run.adapter_config.get('method')}) as {args.format} to {out}")
-    return EXIT_OK
 
 
 def cmd_app(args: argparse.Namespace) -> int:

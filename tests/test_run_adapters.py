@@ -209,3 +209,9 @@ def test_best_validation_checkpoint_is_saved_and_reloads(tmp_path, monkeypatch):
     torch.testing.assert_close(_logits(final.model, final.pipeline), seen["lora-r4", 3], atol=1e-6, rtol=1e-6)
     if best != 3:  # (ties keep the first: here step 1) the two files hold different models
         assert not torch.allclose(seen["lora-r4", best], seen["lora-r4", 3])
+    from bora_lab.cli import main
+
+    assert main(["predict", str(tmp_path), "--run", "lora-r4", "--checkpoint", "best", "--json", "fine"]) == 0
+    assert main(["export", str(tmp_path), "--run", "lora-r4", "--checkpoint", "best", "--format", "peft",
+                 "--out", str(tmp_path / "best_peft")]) == 0
+    assert (tmp_path / "best_peft" / "adapter_model.safetensors").is_file()

@@ -10,7 +10,7 @@ Layers, bottom to top (a module may import its own package and any lower layer):
     5  figures, teach                    plotly figures of a record; lessons, cards, memory bill
     6  ui, api                           the Gradio app; the one-import Python API
     6  cli_output                        what the command line prints (progress, the results table)
-    6.5 cli_claims                       `bora-lab reproduce`: the paper claims (teach.claims) on the command line
+    6.5 cli_claims, cli_runs             `bora-lab reproduce` (the paper claims); `predict` and `export` (a trained run)
     7  cli                               the command line (its `app` command opens the ui)
 
 Checked on the source text (``ast``), so every import counts, including those inside functions.
@@ -26,7 +26,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "bora_lab"
 LAYERS = {"data": 0, "limits": 0, "analysis": 1, "methods": 1, "config": 2, "record": 3, "engine": 4, "figures": 5,
-          "teach": 5, "ui": 6, "api": 6, "cli_output": 6, "cli_claims": 6.5, "cli": 7, "__main__": 8, "__init__": 0}
+          "teach": 5, "ui": 6, "api": 6, "cli_output": 6, "cli_claims": 6.5, "cli_runs": 6.5, "cli": 7, "__main__": 8, "__init__": 0}
 
 
 def _unit(module: str) -> str:
