@@ -183,3 +183,39 @@ def test_seeds_show_bands_and_the_forest_plot(page, app_url):
     rows = _table_rows(page)
     assert len(rows) == 3 and any("distinguishable" in r or "than lora" in r for r in rows)
     _shot(page, app_url[1] / "screenshots", "5_seeds")
+
+
+def test_try_it_shows_each_runs_prediction_next_to_the_base(page, app_url):
+    """Try it: pick three runs of the newest comparison (the two-seed one), type a review, and get one
+    class-probability panel per run plus the untrained-head base; the disagreement summary shows too."""
+    picked = ("lora-r4-s0", "dora-r4-s0", "bora-r4-s0")
+    page.get_by_role("tab", name="Try it").click()
+    page.wait_for_function("() => /fine_foods/.test(document.querySelector('#bl-try-source input').value)")
+    page.wait_for_function("() => document.querySelectorAll('#bl-try-runs .token').length >= 3")
+    page.click("#bl-try-runs .remove-all")
+    for rid in picked:
+        page.click("#bl-try-runs input")
+        page.fill("#bl-try-runs input", rid)
+        page.get_by_role("option", name=re.compile(f"^{rid} ")).first.click()
+    page.keyboard.press("Escape")
+    tokens = [t.inner_text() for t in page.locator("#bl-try-runs .token").all()]
+    assert [t.split(" ")[0] for t in tokens] == list(picked), tokens
+    page.fill("#bl-try-text textarea", "Wonderful tea, fresh and fragrant; my new favourite.")
+    page.click("#bl-try-go")
+    page.wait_for_function("() => /end of its training/.test(document.querySelector('#bl-try-status').innerText)",
+                           timeout=240_000)
+    page.wait_for_function(  # a panel shows once Gradio has loaded the Label component's code
+        "() => [0, 1, 2, 3].every(i => document.querySelectorAll(`#bl-try-label-${i} meter`).length == 2)")
+    for i, title in enumerate([*picked, "base · untrained head"]):
+        panel = page.locator(f"#bl-try-label-{i}")
+        assert panel.is_visible() and title in panel.inner_text()
+        meters = [int(m.get_attribute("aria-valuenow")) for m in panel.locator("meter").all()]
+        assert len(meters) == 2 and abs(sum(meters) - 100) <= 1, meters  # great / other
+    assert not page.locator("#bl-try-label-4").is_visible()
+    page.wait_for_function(
+        "() => /(do not all agree on \\d+ of|agree on all) 32 test reviews/.test(document.querySelector('#bl-try-disagree-summary').innerText)")
+    final = _shot(page, app_url[1] / "screenshots", "6_try_it")
+    out = Path(os.environ.get("BORA_SCREENSHOTS", "/tmp/bora_screens"))
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(final, out / final.name)
+    assert final.stat().st_size > 10_000

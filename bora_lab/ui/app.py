@@ -15,10 +15,10 @@ from typing import Any
 
 import gradio as gr
 
-from bora_lab.config import RunConfig
+from bora_lab.config import RunConfig, lr_choice
 from bora_lab.limits import limit
 
-from . import tab_cards, tab_compare, tab_history, tab_inside, tab_lessons, tab_memory, visitor
+from . import tab_cards, tab_claims, tab_compare, tab_history, tab_inside, tab_lessons, tab_memory, tab_try, visitor
 
 TITLE = "BoRA Lab"
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="teal", neutral_hue="slate")
@@ -36,7 +36,7 @@ CSS = """
 def default_config() -> RunConfig:
     """``RunConfig()`` updated with the JSON in ``$BORA_LAB_DEFAULTS`` (e.g. ``{"steps": 20}``)."""
     overrides = json.loads(os.environ.get("BORA_LAB_DEFAULTS", "") or "{}")
-    return RunConfig.from_dict({**RunConfig().to_dict(), **overrides})
+    return RunConfig.from_dict({**RunConfig().to_dict(), **lr_choice(overrides)})
 
 
 def build_demo(defaults: RunConfig | None = None) -> gr.Blocks:
@@ -62,10 +62,12 @@ def build_demo(defaults: RunConfig | None = None) -> gr.Blocks:
             widgets = tab_compare.build_compare_tab(session, base, token, demo)
             with gr.Tab("History", id="history") as history_tab:
                 list_inputs, list_outputs = tab_history.build_tab(session)
+            tab_try.build_try_tab(session)  # type a text: each trained run's answer, disagreements, export
             tab_lessons.build_lessons_tab(widgets)  # teaching views: presets fill the Compare tab
             tab_inside.build_inside_tab(session)  # W0, W, ΔW, norms, spectrum per checkpoint
             tab_cards.build_cards_tab()
             tab_memory.build_memory_tab(session)
+            tab_claims.build_claims_tab()  # each paper claim: the paper's value, ours with its interval
         history_tab.select(tab_history.list_runs, list_inputs, list_outputs, concurrency_limit=None)
     for fn in demo.fns.values():  # the app's events serve its own page; none is a public API endpoint
         fn.api_visibility = "private"

@@ -8,6 +8,7 @@ default on a personal machine and off on a Hugging Face Space (``SPACE_ID`` set)
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 import shutil
@@ -20,7 +21,7 @@ import gradio as gr
 
 from bora_lab.limits import limit, private_runs
 
-from . import common, visitor
+from . import common, tab_try, visitor
 
 DOWNLOAD_SUFFIXES = (".json", ".csv", ".html")
 LIST_COLUMNS = ["run folder", "saved", "model", "task", "runs", "steps", "state"]
@@ -164,6 +165,25 @@ def change_view(session: visitor.Session, view_label: str):
     return common.render_plots(results, ("md",), common.MD_VIEWS.get(view_label, view_label))["md"]
 
 
+def export_choices(session: visitor.Session, show_all: bool, names: list[str] | None):
+    """``"folder|run id"`` choices of the runs with a saved adapter in the opened comparisons."""
+    choices = []
+    for name in names or []:
+        try:
+            folder = tab_try.folder_of(session, name, show_all)
+        except gr.Error:  # still running, or gone
+            continue
+        saved = tab_try.run_choices(_load(folder))[1]
+        choices += [(f"{rid} ({name})" if len(names) > 1 else rid, f"{name}|{rid}") for rid in saved]
+    return gr.update(choices=choices, value=choices[0][1] if choices else None)
+
+
+def export_picked(session: visitor.Session, show_all: bool, picked: str | None, fmt: str):
+    """The export buttons: ``picked`` is one of :func:`export_choices`' values (checked again there)."""
+    name, _, run_id = (picked or "").rpartition("|")
+    return tab_try.export(session, name or None, run_id or None, fmt, show_all)
+
+
 def build_tab(session: gr.State) -> tuple[list, list]:
     """Build the History tab's components and wiring.
 
@@ -194,10 +214,22 @@ def build_tab(session: gr.State) -> tuple[list, list]:
                          elem_id="bl-history-table")
     files = gr.File(label="Downloads (results.json, CSV, standalone HTML plots)", file_count="multiple",
                     interactive=False)
+    with gr.Accordion("Export a trained run of the opened comparison", open=False):
+        with gr.Row(equal_height=True):
+            export_pick = gr.Dropdown([], label="Run", info="runs with a saved adapter", scale=3,
+                                      elem_id="bl-history-export-run")
+            peft_btn = gr.Button("Export as PEFT adapter", scale=1, elem_id="bl-history-export-peft")
+            merged_btn = gr.Button("Export merged model", scale=1, elem_id="bl-history-export-merged")
+        export_status = gr.Markdown(elem_id="bl-history-export-status")
+        export_file = gr.File(label="Exported run (zip)", interactive=False, elem_id="bl-history-export-file")
     shown = [status, loss, metric, md, scatter, forest, table]
     for trigger in (refresh.click, show_all.change):
         trigger(list_runs, [session, show_all], [listing, chosen], concurrency_limit=None)
-    open_btn.click(open_runs, [session, show_all, chosen, view], shown + [files], concurrency_limit=None)
+    open_btn.click(open_runs, [session, show_all, chosen, view], shown + [files], concurrency_limit=None).success(
+        export_choices, [session, show_all, chosen], export_pick, concurrency_limit=None)
+    for btn, fmt in ((peft_btn, "peft"), (merged_btn, "merged")):  # loads the run: Try it's queue, not training's
+        btn.click(functools.partial(export_picked, fmt=fmt), [session, show_all, export_pick],
+                  [export_status, export_file], concurrency_limit=tab_try.CONCURRENCY, concurrency_id="try_it")
     upload.upload(open_upload, [session, upload, view], shown + [files], concurrency_limit=None)
     view.change(change_view, [session, view], md, concurrency_limit=None, show_progress="hidden")
     return [session, show_all], [listing, chosen]
