@@ -215,3 +215,5 @@ def test_best_validation_checkpoint_is_saved_and_reloads(tmp_path, monkeypatch):
     assert main(["export", str(tmp_path), "--run", "lora-r4", "--checkpoint", "best", "--format", "peft",
                  "--out", str(tmp_path / "best_peft")]) == 0
     assert (tmp_path / "best_peft" / "adapter_model.safetensors").is_file()
+    base = json.loads((tmp_path / "best_peft" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == "sentence-transformers/all-MiniLM-L6-v2"  # never this machine's folder

@@ -32,6 +32,10 @@ from .trainer import make_pipeline
 CHECKPOINTS = {"final": "adapter.safetensors", "best": "adapter_best.safetensors"}
 
 
+# the hub id whose weights equal an offline model's (SmolLM2's went through a 4-bit GGUF: no hub id is the same)
+PUBLIC_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+
+
 @dataclass
 class LoadedRun:
     """A trained run, rebuilt: ``model`` (eval mode), the ``pipeline`` (tokenizer, eval data), the run's
@@ -179,4 +183,10 @@ def export_peft(run: LoadedRun, out_dir: str | Path) -> Path:
     """
     from ..methods import export_peft as to_peft
 
-    return to_peft(run.model, out_dir, base_model_name_or_path=run.cfg.model, total_steps=run.cfg.steps)
+    folder = Path(to_peft(run.model, out_dir, base_model_name_or_path=run.cfg.model, total_steps=run.cfg.steps))
+    config = folder / "adapter_config.json"
+    meta = json.loads(config.read_text())
+    if Path(str(meta.get("base_model_name_or_path") or "")).is_absolute():  # an offline model's folder on this machine
+        meta["base_model_name_or_path"] = PUBLIC_IDS.get(run.cfg.model.strip().lower(), run.cfg.model)
+        config.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return folder
