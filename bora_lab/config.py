@@ -61,8 +61,9 @@ class RunConfig:
     lr: float = setting(1e-3, "Learning rate", "AdamW peak learning rate", MAIN, above=0, max=1e6)
     per_method_lr: bool = setting(True, "Each method at its suggested rate", "on the default model and task "
                                   "(MiniLM, fine_foods), where the rates were measured (docs/measured/"
-                                  "learning_rates.md), each method trains at its own suggested rate; off, or "
-                                  "on any other model or task, every method uses the rate above", MAIN, flag="")
+                                  "learning_rates.md), each method trains at its own suggested rate; off, with a "
+                                  "rate above other than 1e-3, or on any other model or task, every method uses "
+                                  "the rate above", MAIN, flag="")
     match_params: str | None = setting(None, "Match parameters to", "give every method the largest rank whose "
                                        "adapter parameters do not exceed this method's at each chosen rank (BoRA "
                                        "paper, table 3); empty = the same rank for all", MAIN)
@@ -136,6 +137,15 @@ class RunConfig:
                                "other processes leave idle now)", MORE, min=0, max=1024)
     export_weights: bool = setting(False, "Export weights", "keep the merged analysed weights at the start and "
                                    "the end (safetensors)", MORE, flag="")
+    # docs/distributed.md: Ray for many runs, `accelerate launch` (data parallel) for one big run
+    ray: str | None = setting(None, "Ray cluster", "spread the runs over Ray workers, one group per seed (or "
+                              "shared-engine group): auto = a local Ray on this machine (a worker per GPU or CPU "
+                              "group), or a cluster's address; empty = in this process (pip install '.[ray]')", MORE)
+    grad_accum: int = setting(1, "Gradient accumulation", "split each step's batch into this many micro-batches "
+                              "(the same batch, less memory); under `accelerate launch` it is also split over "
+                              "the processes", MORE, min=1, max=1024)
+    grad_checkpointing: bool = setting(False, "Gradient checkpointing", "recompute activations in the backward "
+                                       "pass: less memory, slower steps (Hugging Face models)", MORE, flag="")
 
     def __post_init__(self):
         if self.num_layers == 0:  # the app's and CLI's "0 = all"
@@ -192,8 +202,11 @@ class RunConfig:
 
     def suggested_rates_apply(self) -> bool:
         """Whether each method trains at its own suggested rate: ``per_method_lr`` on the model and task
-        the rates were measured on (MiniLM on fine_foods), with no sweep."""
-        return bool(self.per_method_lr and self.task == "fine_foods" and self.model.strip().lower() in MEASURED_MODELS)
+        the rates were measured on (MiniLM on fine_foods), with no sweep and ``lr`` left at its default
+        (a rate asked for is the rate every method trains at)."""
+        default_lr = type(self).__dataclass_fields__["lr"].default
+        return bool(self.per_method_lr and self.lr == default_lr and self.task == "fine_foods"
+                    and self.model.strip().lower() in MEASURED_MODELS)
 
     def run_plan(self) -> list[tuple[str, str, int, int, float]]:
         """``(run_id, method, rank, seed, lr)`` for every run: methods outer, then ranks, rates, seeds.

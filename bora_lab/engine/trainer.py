@@ -29,7 +29,7 @@ import dataclasses
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,14 +52,16 @@ from ..record.events import (
     RunStarted,
     Step,
 )
+from . import dataparallel
 from .environment import environment
-from .pipeline import Pipeline, TextPipeline
+from .pipeline import Pipeline
 from ..record import ResultsAccumulator, save_results
+from .plan import analysis_module_for, checkpoint_steps, cpu_threads, fits_side_by_side, make_pipeline, validate
 from .shared import build_group
-from .runstate import PEAK_MEM_KIND, NonFiniteLoss, RunState, describe_error, pick_device, select_analysed
-from .synthetic import SyntheticPipeline
-from .threads import choose_threads
-from .tasks import TASKS, Task, load_task
+from .runstate import PEAK_MEM_KIND, NonFiniteLoss, RunState, describe_error, pick_device
+from .tasks import load_task
+
+__all__ = ["checkpoint_steps", "compare", "make_pipeline", "run", "validate"]  # the last three: from .plan
 
 _TICK = object()  # a run generator yields this after each optimizer step
 _READY = object()  # ... and a shared-base run this before its first step (see _schedule)
@@ -97,82 +99,8 @@ class _Context:
         return self.units[self.seed_of[run_id]]
 
 
-def validate(cfg: RunConfig) -> None:
-    """Check what can be checked without loading anything (methods and their options).
-
-    Raises:
-        ValueError: one line naming the problem.
-    """
-    for m in cfg.methods:
-        methods.registry.get(m)  # unknown method -> ValueError listing the valid names
-    if cfg.match_params:
-        methods.registry.get(cfg.match_params)
-    if cfg.sweeps_lr() and not cfg.val_samples and not cfg.task.startswith("synthetic"):
-        raise ValueError("a learning-rate sweep chooses each method's rate on a validation split: "
-                         "set val_samples (e.g. 200)")
-    for m in cfg.methods:
-        opts = dict(cfg.method_options.get(m, {}))
-        methods.registry.make_config(m, rank=cfg.ranks[0], alpha=cfg.alpha, **opts)
-    if cfg.baseline:
-        from ..record.aggregate import group_key
-
-        keys = {group_key({"method": m, "rank": r}) for _, m, r in cfg.run_specs()}
-        if cfg.baseline not in keys and cfg.baseline not in cfg.methods:
-            raise ValueError(f"baseline {cfg.baseline!r} is not one of this comparison's methods or runs: "
-                             f"{', '.join(sorted(keys))}")
-    if len(set(cfg.run_ids())) != len(cfg.run_ids()):
-        raise ValueError(f"duplicate runs in methods {cfg.methods} x ranks {cfg.ranks}")
-    if (cfg.text_column or cfg.label_column) and cfg.task in TASKS:
-        raise ValueError(f"text_column and label_column apply to a datasets id; task {cfg.task!r} is built in "
-                         "(leave them empty)")
-
-
-def make_pipeline(cfg: RunConfig, task: Task, eval_seed: int | None = None) -> Pipeline:
-    """The pipeline for ``task`` (loads the model and tokenises the data); ``eval_seed`` picks the eval
-    subset (default ``cfg.seed``), so that every seed of a comparison is evaluated on the same examples."""
-    if task.kind == "synthetic":
-        return SyntheticPipeline(cfg, task, eval_seed=eval_seed)
-    return TextPipeline(cfg, task, eval_seed=eval_seed)
-
-
-def _fits_side_by_side(model: torch.nn.Module, n_runs: int, device: torch.device) -> bool:
-    """Whether ``n_runs`` copies of ``model`` (plus optimizer state and activations) fit in memory."""
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    need = 1.5 * size * (n_runs + 1)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return need < 0.7 * free
-    try:
-        with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
-    except (OSError, StopIteration, ValueError):
-        return True
-    return need < 0.7 * avail
-
-
-def _analysis_module(cfg: RunConfig, pipeline: Pipeline) -> str | None:
-    """The module type to analyse: the user's, else the model's attention query (None = all layers).
-
-    Raises:
-        ValueError: the chosen module or layers do not exist in the model.
-    """
-    module = cfg.analysis_module or pipeline.default_analysis_module()
-    if cfg.analysis_module or cfg.analysis_layers:
-        select_analysed(pipeline.pristine(), module, cfg.analysis_layers)  # fail before training
-    return module
-
-
-def checkpoint_steps(cfg: RunConfig) -> set[int]:
-    """Analysis steps whose weights are kept for "Inside a layer": step 0 and up to
-    ``cfg.layer_checkpoints`` later ones, evenly spaced over the analysis steps, the last included."""
-    if cfg.layer_checkpoints == 0:
-        return set()
-    snaps = sorted({0, cfg.steps, *range(cfg.analyze_every, cfg.steps + 1, cfg.analyze_every)})
-    n = min(len(snaps), cfg.layer_checkpoints + 1)
-    return {snaps[round(i * (len(snaps) - 1) / max(1, n - 1))] for i in range(n)}
-
-
-def compare(cfg: RunConfig, cancel: threading.Event | None = None) -> Iterator[Event]:
+def compare(cfg: RunConfig, cancel: threading.Event | None = None,
+            only: Collection[tuple[str, int]] | None = None) -> Iterator[Event]:
     """Train every (method, rank) run of ``cfg`` side by side and yield events.
 
     Yields, per run: ``RunStarted`` (or ``RunError`` if the method cannot be applied), ``Step``
@@ -188,34 +116,46 @@ def compare(cfg: RunConfig, cancel: threading.Event | None = None) -> Iterator[E
     Args:
         cfg: the comparison.
         cancel: set it (from any thread) to stop between steps, keeping everything computed so far.
+        only: train only the runs of these ``(method, seed)`` pairs (a Ray worker's group).
+
+    With ``cfg.ray`` the runs train on Ray workers (:mod:`bora_lab.engine.distributed`) and the same
+    events come back; under ``accelerate launch`` each run trains data-parallel
+    (:mod:`bora_lab.engine.dataparallel`).
 
     Raises:
         ValueError: a problem with the whole comparison (see the module docstring).
     """
+    if cfg.ray:
+        from .distributed import compare_on_ray
+
+        yield from compare_on_ray(cfg, cancel, compare)
+        return
     validate(cfg)
     device = pick_device(cfg.device)
-    plan = cfg.run_plan()
+    cfg = dataparallel.adjust(cfg, device)
+    mine = (lambda plan: plan) if only is None else (lambda plan: [p for p in plan if (p[1], p[3]) in set(only)])
+    plan = mine(cfg.run_plan())
     task = load_task(cfg)
     units, engines, matched = {}, {}, None
-    for seed in cfg.run_seeds():
+    for seed in dict.fromkeys(s for *_, s, _ in plan):
         cfg_s = dataclasses.replace(cfg, seed=seed, seeds=None)
         pipeline = make_pipeline(cfg_s, task, eval_seed=cfg.seed)
         if not units:
-            analysis_module = _analysis_module(cfg, pipeline)
+            analysis_module = analysis_module_for(cfg, pipeline)
             if cfg.match_params:  # equal budgets: each method's ranks, from the model's shapes
                 matched = methods.matching.match_ranks(pipeline.pristine(), cfg.methods, cfg.match_params, cfg.ranks,
                                                        cfg.alpha, cfg.target_modules, cfg.method_options)
                 cfg = dataclasses.replace(cfg, method_ranks=matched["ranks"])
-                plan = cfg.run_plan()
+                plan = mine(cfg.run_plan())
         if matched:
             cfg_s = dataclasses.replace(cfg, seed=seed, seeds=None)
         specs = [(rid, m, r, lr) for rid, m, r, s, lr in plan if s == seed]
         group, reasons = build_group(cfg_s, pipeline, device, analysis_module, specs)
         units[seed], engines = _Seed(cfg_s, pipeline, group), {**engines, **reasons}
-    pipeline = units[cfg.run_seeds()[0]].pipeline
+    pipeline = next(iter(units.values())).pipeline
     groups = sum(u.group is not None for u in units.values())
     copies = sum(e != "shared" for e in engines.values()) + groups
-    lockstep = cfg.lockstep and (copies <= 1 or _fits_side_by_side(pipeline.pristine(), copies, device))
+    lockstep = cfg.lockstep and (copies <= 1 or fits_side_by_side(pipeline.pristine(), copies, device))
     ctx = _Context(cfg, pipeline, device, pipeline.info(), analysis_module, lockstep or groups > 0,
                    total_steps=len(plan) * cfg.steps, engines={rid: engines[rid] for rid, *_ in plan},
                    units=units, seed_of={rid: s for rid, _, _, s, _ in plan},
@@ -224,7 +164,7 @@ def compare(cfg: RunConfig, cancel: threading.Event | None = None) -> Iterator[E
     threads = torch.get_num_threads()
     num_threads, reason = None, f"{device.type}: torch CPU threads do not apply"
     if device.type == "cpu":
-        num_threads, reason = _cpu_threads(cfg, pipeline)
+        num_threads, reason = cpu_threads(cfg, pipeline)
         torch.set_num_threads(num_threads)
     try:
         yield ComparisonStarted(ctx.task_info, str(device), PEAK_MEM_KIND.get(device.type, "process_peak_rss"),
@@ -234,15 +174,6 @@ def compare(cfg: RunConfig, cancel: threading.Event | None = None) -> Iterator[E
         yield from _schedule(ctx, alive, cancel)
     finally:
         torch.set_num_threads(threads)
-
-
-def _cpu_threads(cfg: RunConfig, pipeline: Pipeline) -> tuple[int, str]:
-    """Torch CPU threads for training and why (see :mod:`bora_lab.engine.threads`)."""
-    if cfg.num_threads:
-        return cfg.num_threads, "set by num_threads"
-    if pipeline.num_threads:
-        return pipeline.num_threads, "the task's choice: its small matmuls run faster on one thread"
-    return choose_threads(torch.get_num_threads())
 
 
 def _schedule(ctx: _Context, alive: dict[str, Iterator], cancel: threading.Event | None) -> Iterator[Event]:
@@ -304,6 +235,7 @@ def _drive(ctx: _Context, run_id: str, method: str, rank: int) -> Iterator[Any]:
             raise group.errors[run_id]
         state = (group.states[run_id] if shared else
                  RunState(run_id, method, rank, cfg, pipeline, ctx.device, ctx.analysis_module, lr=ctx.lr_of[run_id]))
+        train_step = None if shared else dataparallel.step_fn(state, cfg)  # state.train_step, or data parallel
     except Exception as err:  # noqa: BLE001 - a bad rank/option fails this run only
         message, status = describe_error(err)
         ctx.total_steps -= cfg.steps
@@ -338,7 +270,7 @@ def _drive(ctx: _Context, run_id: str, method: str, rank: int) -> Iterator[Any]:
             yield _READY
         for step, batch in enumerate(pipeline.train_batches, start=1):
             loss, lr, step_s, peak = (group.result(run_id, step, batch) if shared
-                                      else state.train_step(step, batch))
+                                      else train_step(step, batch))
             yield Step(run_id, step, loss, lr, step_s, peak)
             last = step == cfg.steps
             if state.analysed and (step % cfg.analyze_every == 0 or last):

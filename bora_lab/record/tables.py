@@ -13,6 +13,14 @@ def _round(v: Any, digits: int = 4) -> Any:
     return v
 
 
+def at_majority(metric: Any, task: dict) -> bool:
+    """Whether a classification run's accuracy is no better than always answering the majority class
+    (within half a point): it has not learned anything the test set can see."""
+    base = task.get("majority_baseline")
+    return (task.get("metric") == "accuracy" and isinstance(base, float) and isinstance(metric, (int, float))
+            and metric <= base + 0.005)
+
+
 def results_table(results: dict) -> list[dict[str, Any]]:
     """One row per run (works on partial results): the CLI prints it, the app shows it.
 
@@ -20,7 +28,8 @@ def results_table(results: dict) -> list[dict[str, Any]]:
     (trainable params split into the method's own and the task head's), final loss, the task's
     metric, median step (s), peak mem (MiB), ΔM row, ΔM col, ΔD row, ΔD col (mean over analysed
     modules, from the start), ΔM row/col (the asymmetry ratio); with a validation split also the
-    test metric at the best validation step and that step. Missing values are None.
+    test metric at the best validation step and that step; ``note`` says when a classification run is at
+    the majority class (:func:`at_majority`). Missing values are None.
     """
     task = results.get("task", {})
     metric = task.get("metric") or "metric"
@@ -39,6 +48,8 @@ def results_table(results: dict) -> list[dict[str, Any]]:
             "ΔD row": _round(s.get("dD_row"), 3), "ΔD col": _round(s.get("dD_col"), 3),
             "ΔM row/col": _round(s.get("asymmetry_ratio"), 3),
         })
+        if at_majority(s.get("eval_metric"), task):
+            rows[-1]["note"] = "at the majority class: did not learn at this budget"
         if s.get("best_step") is not None:  # a validation split: the best checkpoint, chosen on it
             rows[-1][f"{metric} at best val step"] = _round(s.get("best_eval_metric"))
             rows[-1]["best step"] = s["best_step"]
