@@ -171,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--sequential", action="store_true", help="run one method after another instead of in lockstep "
         "(same numbers, less memory)")
     add("--export-weights", action="store_true", help="save the merged analysed weights at the start and the end")
+    add("--grad-checkpointing", action="store_true", help="recompute activations in backward: less memory, slower")
     add("--lr-auto", action="store_true", default=None, help="sweep each method's suggested learning rate /3, x1, x3 and report "
         "each method at its best rate on the validation split (needs --val-samples)")
     add("--shared-lr", action="store_true", help="every method at --lr (default on MiniLM + fine_foods: each "
@@ -224,6 +225,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         given["lockstep"] = False
     if args.export_weights:
         given["export_weights"] = True
+    if args.grad_checkpointing:
+        given["grad_checkpointing"] = True
     if args.lr_auto:
         given["lr_auto"] = True
     if args.shared_lr:
@@ -256,6 +259,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     validate(cfg)
+    leader = int(os.environ.get("RANK", "0") or 0) == 0  # under torchrun / accelerate launch only rank 0 writes
+    args.quiet = args.quiet or not leader
     if not args.quiet:
         from .engine.estimate import cost_text
 
@@ -283,7 +288,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                              f"({row['reference_params']:,} params): {row['method']}-r{row['rank']} ({row['params']:,})")
             elif ev.kind == "progress":
                 bar.update(ev.done_steps, ev.total_steps, ev.eta_s)
-                if time.monotonic() - last_flush >= CHECKPOINT_S:  # a crash leaves a readable partial run
+                if leader and time.monotonic() - last_flush >= CHECKPOINT_S:  # a crash leaves a readable partial run
                     save_results(acc.results, out, layers=acc.layers)
                     last_flush = time.monotonic()
             elif ev.kind == "error":
@@ -301,6 +306,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
         bar.close()
     results = acc.results
+    if not leader:
+        return EXIT_CANCELLED if cancel.is_set() else EXIT_RUN_FAILED if failed else EXIT_OK
     save_results(results, out, weights=weights, layers=acc.layers, adapters=acc.adapters,
                  figures_html=None if args.no_html else report_html(results))
     print(format_table(results_table(results)))
