@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("BORA_LAB_REUSE_RUNS", "0")  # time real training: the app would reuse the first Run's results
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bora_lab.ui import form, tab_compare, visitor  # noqa: E402

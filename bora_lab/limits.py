@@ -14,8 +14,15 @@ when ``SPACE_ID`` is set (Hugging Face sets it on a Space), and an environment v
 | eval examples | ``BORA_LAB_MAX_EVAL_SAMPLES`` | 1,000,000 | 2,000 |
 | ΔM/ΔD snapshots per run (steps / analyse every) | ``BORA_LAB_MAX_SNAPSHOTS`` | 10,000 | 500 |
 | upload size (MB) | ``BORA_LAB_MAX_UPLOAD_MB`` | 20 | 5 |
+| steps per comparison in the app (runs × steps) | ``BORA_LAB_MAX_COMPARISON_STEPS`` | 10,000,000 | 6,000 |
+| comparisons waiting in the app's training queue | ``BORA_LAB_MAX_QUEUE`` | 1,000 | 40 |
+| ZeroGPU seconds reserved for one comparison, at most | ``BORA_LAB_MAX_GPU_S`` | 600 | 300 |
 
-Switches (``1``/``0``): ``BORA_LAB_PRIVATE_RUNS`` (each visitor lists, opens and downloads only
+The last three concern the app's shared training queue only (``bora_lab.ui.training_queue``): one
+comparison trains at a time, and a long one makes everyone behind it wait.
+
+Switches (``1``/``0``): ``BORA_LAB_REUSE_RUNS`` (the app computes identical settings once: a
+finished comparison is shown again, a running one is watched; default on), ``BORA_LAB_PRIVATE_RUNS`` (each visitor lists, opens and downloads only
 their own runs; default on a Space), ``BORA_LAB_ALLOW_LOCAL_PATHS`` (the app accepts a server path
 as model or task; default off: only ids; the CLI and the Python API always accept paths).
 """
@@ -31,6 +38,9 @@ LIMITS: dict[str, tuple[str, int, int]] = {  # name -> (variable, default, defau
     "eval_samples": ("BORA_LAB_MAX_EVAL_SAMPLES", 1_000_000, 2_000),
     "snapshots": ("BORA_LAB_MAX_SNAPSHOTS", 10_000, 500),
     "upload_mb": ("BORA_LAB_MAX_UPLOAD_MB", 20, 5),
+    "comparison_steps": ("BORA_LAB_MAX_COMPARISON_STEPS", 10_000_000, 6_000),
+    "queue": ("BORA_LAB_MAX_QUEUE", 1_000, 40),
+    "gpu_s": ("BORA_LAB_MAX_GPU_S", 600, 300),
 }
 
 
@@ -67,3 +77,8 @@ def private_runs() -> bool:
 def allow_local_paths() -> bool:
     """The app accepts a server path as model or task (default off)."""
     return _switch("BORA_LAB_ALLOW_LOCAL_PATHS", False)
+
+
+def reuse_runs() -> bool:
+    """The app computes identical settings once (default on; ``0`` trains every Run afresh, e.g. to time it)."""
+    return _switch("BORA_LAB_REUSE_RUNS", True)

@@ -100,17 +100,17 @@ def _fake_compare(cfg, cancel):
     yield ComparisonDone("done", 0.01)
 
 
-def _visitor_run(token: str) -> visitor.Session:
+def _visitor_run(token: str, **change) -> visitor.Session:
     session = visitor.Session()
     session.token = token
-    drain(tab_compare.run_comparison(session, *[form.ui_values(RunConfig(**TINY))[k] for k in form.input_keys()],
-                                     compare_fn=_fake_compare))
+    values = form.ui_values(RunConfig(**{**TINY, **change}))
+    drain(tab_compare.run_comparison(session, *[values[k] for k in form.input_keys()], compare_fn=_fake_compare))
     return session
 
 
 def test_4_on_a_space_visitors_see_only_their_own_runs(monkeypatch):
     monkeypatch.setenv("SPACE_ID", "org/bora-lab")
-    alice, bob = _visitor_run("a" * 32), _visitor_run("b" * 32)
+    alice, bob = _visitor_run("a" * 32), _visitor_run("b" * 32, seed=1)  # other settings: private to each
     assert not visitor.shared_history_default()
     mine = visitor.run_folders(alice, show_all=True)  # asking for everything does not widen it
     assert [f.name for f in mine] == [alice.run_dirs[0].name]
@@ -121,6 +121,22 @@ def test_4_on_a_space_visitors_see_only_their_own_runs(monkeypatch):
     again.token = "a" * 32
     assert [f.name for f in visitor.run_folders(again, False)] == [alice.run_dirs[0].name]
     assert (alice.run_dirs[0] / visitor.OWNER_FILE).read_text() != "a" * 32  # a hash, not the token
+
+
+def test_4_identical_settings_are_shared_and_nothing_else(monkeypatch):
+    """A visitor asking for settings another visitor finished gets that run (computed once); it joins
+    their list as a reference; the first visitor's other runs stay hidden from them."""
+    monkeypatch.setenv("SPACE_ID", "org/bora-lab")
+    alice = _visitor_run("a" * 32)
+    _visitor_run("a" * 32, seed=1)
+    carol = _visitor_run("c" * 32)  # the same settings as alice's first run
+    assert carol.job.reused and carol.run_dirs == [alice.run_dirs[0]]
+    assert [f.name for f in visitor.run_folders(carol, True)] == [alice.run_dirs[0].name]
+    assert len(list(visitor.runs_dir().iterdir())) == 2  # nothing copied, nothing trained again
+    again = visitor.Session()
+    again.token = "c" * 32  # after a reload or a restart, the shared run is still in carol's list
+    assert [f.name for f in visitor.run_folders(again, False)] == [alice.run_dirs[0].name]
+    assert "c" * 32 not in (alice.run_dirs[0] / visitor.SHARED_FILE).read_text()  # hashes, not tokens
 
 
 def test_4_downloads_are_temporary_copies_and_status_names_no_server_path(monkeypatch):

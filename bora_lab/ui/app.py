@@ -1,8 +1,9 @@
-"""The ``gr.Blocks`` of BoRA Lab: components and wiring only (logic lives in handlers/live/history).
+"""The ``gr.Blocks`` of BoRA Lab: components and wiring only (logic lives in the tab modules).
 
 Widgets are drawn from the code they configure: one per ``RunConfig`` field (hand-labelled where a
 label helps, generic otherwise) and one per option of each registered method's config dataclass,
-so a new method or a new config field needs no edit here.
+so a new method or a new config field needs no edit here. The page's address may carry a lesson,
+settings and presenter mode (``bora_lab.ui.links``); the footer says where runs are kept.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import gradio as gr
 from bora_lab.config import RunConfig, lr_choice
 from bora_lab.limits import limit
 
-from . import tab_cards, tab_claims, tab_compare, tab_history, tab_inside, tab_lessons, tab_memory, tab_try, visitor
+from . import (links, space, tab_cards, tab_claims, tab_compare, tab_history, tab_inside, tab_lessons, tab_memory,
+               tab_try, training_queue, visitor)
 
 TITLE = "BoRA Lab"
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="teal", neutral_hue="slate")
@@ -31,6 +33,15 @@ CSS = """
 .bl-progress[data-state=stopped] .bl-progress-bar, .bl-progress[data-state=error] .bl-progress-bar
   {background: var(--error-text-color, #dc2626)}
 .bl-progress-text {font-size: var(--text-sm); margin-top: 4px; opacity: .85}
+#bl-footer {font-size: var(--text-sm); opacity: .75; margin-top: 8px}
+/* presenter mode (?present=1): the settings fold away except Run/Stop, text and plots grow */
+.bl-present #bl-header, .bl-present #bl-settings > :not(#bl-actions), .bl-present #bl-copy-link
+  {display: none !important}
+.bl-present #bl-settings {flex: 0 0 160px !important; min-width: 160px !important}
+.bl-present #bl-actions {flex-direction: column}
+.bl-present #bl-status, .bl-present #bl-status *, .bl-present .bl-progress-text, .bl-present #bl-table
+  {font-size: 1.3rem !important}
+.bl-present .bl-progress {height: 18px}
 """
 # Labels and hints of the RunConfig fields; fields not listed get a generic widget from their type.
 def default_config() -> RunConfig:
@@ -52,28 +63,42 @@ def build_demo(defaults: RunConfig | None = None) -> gr.Blocks:
     with gr.Blocks(title=TITLE) as demo:
         session = gr.State(visitor.Session(), delete_callback=visitor.Session.close)
         token = gr.BrowserState(None, storage_key="bora_lab_visitor")
-        gr.Markdown(
-            f"# {TITLE}\nCompare parameter-efficient fine-tuning methods side by side on a real model: "
-            "loss, accuracy, and how each method moves the weights' **magnitude** and **direction**, "
-            "row-wise (per output feature) and column-wise (per input feature).",
-            elem_id="bl-header",
-        )
-        with gr.Tabs():
-            widgets = tab_compare.build_compare_tab(session, base, token, demo)
-            with gr.Tab("History", id="history") as history_tab:
-                list_inputs, list_outputs = tab_history.build_tab(session)
-            tab_try.build_try_tab(session)  # type a text: each trained run's answer, disagreements, export
-            tab_lessons.build_lessons_tab(widgets)  # teaching views: presets fill the Compare tab
-            tab_inside.build_inside_tab(session)  # W0, W, ΔW, norms, spectrum per checkpoint
-            tab_cards.build_cards_tab()
-            tab_memory.build_memory_tab(session)
-            tab_claims.build_claims_tab()  # each paper claim: the paper's value, ours with its interval
+        with gr.Column(elem_id="bl-main") as main:  # ?present=1 adds the class bl-present here
+            gr.Markdown(
+                f"# {TITLE}\nCompare parameter-efficient fine-tuning methods side by side on a real model: "
+                "loss, accuracy, and how each method moves the weights' **magnitude** and **direction**, "
+                "row-wise (per output feature) and column-wise (per input feature).",
+                elem_id="bl-header",
+            )
+            with gr.Tabs():
+                widgets, compare_parts = tab_compare.build_compare_tab(session, base, token, demo)
+                with gr.Tab("History", id="history") as history_tab:
+                    list_inputs, list_outputs = tab_history.build_tab(session)
+                tab_try.build_try_tab(session)  # type a text: each trained run's answer, disagreements, export
+                lesson_parts = tab_lessons.build_lessons_tab(widgets, read_url=False)  # presets fill Compare
+                tab_inside.build_inside_tab(session)  # W0, W, ΔW, norms, spectrum per checkpoint
+                tab_cards.build_cards_tab()
+                tab_memory.build_memory_tab(session)
+                tab_claims.build_claims_tab()  # each paper claim: the paper's value, ours with its interval
+            gr.Markdown(footer(), elem_id="bl-footer")
         history_tab.select(tab_history.list_runs, list_inputs, list_outputs, concurrency_limit=None)
+        links.wire(demo, session, main, widgets, compare_parts, lesson_parts)  # Copy link; ?lesson=, settings
     for fn in demo.fns.values():  # the app's events serve its own page; none is a public API endpoint
         fn.api_visibility = "private"
-    # Training is limited to one at a time across all visitors by its own concurrency_limit=1 (Gradio's
-    # default_concurrency_limit is also 1); calling demo.queue() again would only rebuild the server app.
+        if fn.name == "run_claim":  # a paper claim's re-run trains: it waits in the same queue as comparisons
+            fn.fn = training_queue.queued_event(fn.fn, len(fn.outputs))
+    # Comparisons wait in training_queue (one trains at a time, positions shown), not in Gradio's queue;
+    # calling demo.queue() again would only rebuild the server app.
     return demo
+
+
+def footer() -> str:
+    """The page's footer: where runs are kept and how the training queue is shared."""
+    from bora_lab.limits import reuse_runs
+
+    shared = (" Identical settings are computed once: a second visitor asking for them watches the same "
+              "comparison, or gets the finished one at once." if reuse_runs() else "")
+    return f"{space.storage_note()} One comparison trains at a time; the others wait in line.{shared}"
 
 
 def launch(demo: gr.Blocks, **kwargs: Any):
@@ -81,12 +106,16 @@ def launch(demo: gr.Blocks, **kwargs: Any):
 
     The runs folder is never served as files (downloads are copies in a temporary bundle); uploads
     are capped at ``BORA_LAB_MAX_UPLOAD_MB``. On SIGTERM (a Space restarting) every running
-    comparison is stopped and saved, marked "interrupted", before the server closes.
+    comparison is stopped and saved, marked "interrupted", before the server closes. Each page
+    streaming a comparison holds one of Gradio's worker threads, so a class gets 200 of them. On a
+    ZeroGPU Space the GPU trainer is declared before the server starts (``bora_lab.ui.space``).
     ``GRADIO_SERVER_NAME``/``GRADIO_SERVER_PORT`` choose the address as usual.
     """
     kwargs.setdefault("theme", THEME)
     kwargs.setdefault("css", CSS)
     kwargs.setdefault("max_file_size", f"{limit('upload_mb')}mb")
+    kwargs.setdefault("max_threads", 200)
+    space.prepare()
 
     def on_sigterm(signum, frame):
         visitor.shutdown()

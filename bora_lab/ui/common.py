@@ -86,6 +86,24 @@ def render_plots(results: dict[str, Any], names, md_view: str = "from_start") ->
     return {name: builders[name]() for name in PLOTS if name in names}
 
 
+PROJECTOR_FONT = 16  # presenter mode (?present=1): figure text in px (12 otherwise), titles 2 px more
+PROJECTOR_SCALE = 1.35  # ... and figure heights, times the normal ones
+
+
+def for_projector(plots: dict[str, Any]) -> dict[str, Any]:
+    """Presenter mode: copies of the figures in ``plots`` with larger text and height (tables as they are)."""
+    import plotly.graph_objects as go
+
+    out = {}
+    for name, fig in plots.items():
+        if isinstance(fig, go.Figure):
+            fig = go.Figure(fig)  # never change a shared figure (empty_plots is cached)
+            fig.update_layout(font={"size": PROJECTOR_FONT}, title_font_size=PROJECTOR_FONT + 2,
+                              height=round((fig.layout.height or 450) * PROJECTOR_SCALE))
+        out[name] = fig
+    return out
+
+
 def fmt_duration(seconds: float | None) -> str:
     """``75.2 -> "1:15"``, ``3725 -> "1:02:05"``; ``"?"`` when unknown."""
     if seconds is None or not math.isfinite(seconds) or seconds < 0:

@@ -1,7 +1,8 @@
 """The Lessons tab: one click fills the Compare tab with a teacher's preset; save, upload, link.
 
 Lessons are data (``bora_lab.teach.lessons``): validated JSON, never executed. A built-in lesson
-opens from a URL too: ``http://host:7860/?lesson=lora-couples`` (registered on page load).
+opens from a URL too: ``http://host:7860/?lesson=lora-couples``, with settings on top if the link
+has some (``?lesson=lora-couples&steps=40``; read on page load by ``bora_lab.ui.links``).
 """
 from __future__ import annotations
 
@@ -76,13 +77,19 @@ def _find(choice: str | None, uploaded: dict[str, dict[str, Any]]) -> dict[str, 
     return L.get_lesson(choice)
 
 
-def build_lessons_tab(apply_to: dict[str, gr.components.Component]) -> None:
+def build_lessons_tab(apply_to: dict[str, gr.components.Component],
+                      read_url: bool = True) -> dict[str, gr.components.Component]:
     """Add the "Lessons" tab (call inside the app's ``gr.Tabs()``).
 
     Args:
         apply_to: the Compare tab's widgets keyed like ``form.input_keys()`` (``"steps"``,
             ``"methods"``, ``"dora.detach_norm"``...); opening a lesson updates each of them.
             Saving a lesson reads their current values.
+        read_url: open the lesson named by ``?lesson=`` when the page loads (the app passes False:
+            ``bora_lab.ui.links`` reads the lesson and the link's settings together, in one step).
+
+    Returns:
+        ``{"picker", "text"}``: the lesson list and the lesson's text (``?lesson=`` fills them).
     """
     keys = list(apply_to)
     targets = [apply_to[k] for k in keys]
@@ -153,5 +160,6 @@ def build_lessons_tab(apply_to: dict[str, gr.components.Component]) -> None:
     save.click(save_lesson, [title, lesson_id, view, summary, predict, look_for, *targets], saved,
                concurrency_limit=None)
     root = gr.context.Context.root_block
-    if root is not None:  # ?lesson=<id> preselects a lesson when the page opens
+    if read_url and root is not None:  # ?lesson=<id> preselects a lesson when the page opens
         root.load(from_url, None, [picker, text, *targets], concurrency_limit=None, show_progress="hidden")
+    return {"picker": picker, "text": text}

@@ -4,12 +4,18 @@ The engine's generator runs in a worker thread that owns the ``ResultsAccumulato
 the results to the run folder every ``CHECKPOINT_S`` seconds (status "running", so a crash or a
 SIGTERM leaves a readable partial run that History shows as "interrupted") and saves them when it
 ends, however it ends (finished, Stop, an error, a shutdown). One job trains at a time in the whole
-process (``TRAIN_SLOT``); the others wait, saying so. Stop sets the job's ``threading.Event``; the
-engine checks it between steps, so a stopped run keeps everything computed.
+process: the others wait in ``training_queue.QUEUE``, which tells each its position. Stop sets the
+job's ``threading.Event``; the engine checks it between steps, so a stopped run keeps everything computed.
+
+Several pages may watch one job: the visitor who started it (the *starter*), the same visitor's
+reloaded page, and *followers*, visitors who asked for identical settings while it was queued or
+training (``bora_lab.ui.reuse``). Each page gets every event through its own queue (:meth:`Job.watch`).
+The starter's Stop stops the job; a follower's Stop only stops their own watching.
 
 A visitor is known by a random token kept in their browser (``gr.BrowserState``): a reloaded page
 finds its running job again (:func:`job_of`) and, when runs are private (``bora_lab.limits``), the
-run folders marked with the token's hash are the only ones it can list, open or download.
+run folders marked with the token's hash (in ``.owner``, or in ``.shared_with`` for a comparison
+they followed or got from the cache) are the only ones it can list, open or download.
 """
 from __future__ import annotations
 
@@ -30,16 +36,16 @@ from typing import Any
 
 from bora_lab.config import RunConfig
 
-from . import common
+from . import common, space, training_queue
 
 log = logging.getLogger(__name__)
 
 END = object()  # the job's last item in its event queue
 RESULTS_FILE = "results.json"
 OWNER_FILE = ".owner"  # sha256 of the visitor's token, in each run folder the app creates
+SHARED_FILE = ".shared_with"  # one owner hash per line: visitors who followed it or got it from the cache
 CHECKPOINT_S = 20.0  # flush a running comparison to disk this often
-TRAIN_SLOT = threading.Semaphore(1)  # one comparison trains at a time in this process
-_JOBS: dict[str, "Job"] = {}  # visitor token -> their latest job (reattach after a reload)
+_JOBS: dict[str, "Job"] = {}  # visitor token -> their latest job, started or followed (reattach after a reload)
 _ACTIVE: set["Job"] = set()  # jobs whose worker is alive (shutdown, "interrupted" detection)
 _REGISTRY_LOCK = threading.Lock()
 
@@ -50,8 +56,24 @@ def owner_id(token: str | None) -> str | None:
 
 
 def runs_dir() -> Path:
-    """Where runs are saved: ``$BORA_LAB_RUNS`` or ``./runs``."""
-    return Path(os.environ.get("BORA_LAB_RUNS", "runs"))
+    """Where runs are saved: ``$BORA_LAB_RUNS``; on a Space /data/runs or a temporary folder; else ``./runs``."""
+    return space.runs_root()[0]
+
+
+def share(folder: Path, token: str | None) -> None:
+    """Add the visitor with ``token`` to a run folder's readers (a comparison they followed or reused)."""
+    me = owner_id(token)
+    if not me:
+        return
+    try:
+        if (folder / OWNER_FILE).is_file() and (folder / OWNER_FILE).read_text().strip() == me:
+            return
+        shared = folder / SHARED_FILE
+        if me not in (shared.read_text().split() if shared.is_file() else []):
+            with shared.open("a") as f:
+                f.write(me + "\n")
+    except OSError:
+        log.exception("could not share %s", folder.name)
 
 
 def new_run_dir(cfg: RunConfig, root: Path | None = None, owner: str | None = None) -> Path:
@@ -90,7 +112,6 @@ class Job:
     compare_fn: Callable[[RunConfig, threading.Event], Iterator[Any]] = default_compare
     cancel: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
-    events: queue.Queue = field(default_factory=queue.Queue)
     lock: threading.Lock = field(default_factory=threading.Lock)
     acc: Any = None  # ResultsAccumulator
     threads: str = ""  # "2 CPU threads (auto: ...)", from ComparisonStarted
@@ -103,11 +124,28 @@ class Job:
     save_error: str | None = None
     started_at: float = field(default_factory=time.monotonic)
     render_s: float = 0.0  # time the page thread spent drawing frames (benchmarks/ui_overhead.py)
-    waiting: bool = True  # for the training slot (another visitor's comparison is training)
-    token: str | None = None  # the visitor's browser token
+    waiting: bool = True  # in the training queue (another comparison is training)
+    token: str | None = None  # the browser token of the visitor who started it
     interrupted: bool = False  # stopped by a server shutdown, not by the visitor
+    key: str | None = None  # reuse.config_key of cfg: visitors asking for the same settings follow this job
+    followers: set[str] = field(default_factory=set)  # tokens of the visitors watching it without starting it
+    reused: bool = False  # a finished comparison loaded from its folder (from_folder), nothing trains
+    watchers: list[queue.Queue] = field(default_factory=list)  # one event queue per page streaming it
 
     __hash__ = object.__hash__
+
+    @classmethod
+    def from_folder(cls, cfg: RunConfig, folder: Path) -> "Job":
+        """A finished job standing for a saved comparison (identical settings computed before)."""
+        from types import SimpleNamespace
+
+        from bora_lab.record import load_results
+        from bora_lab.record.layer_store import LayerStore
+
+        job = cls(cfg, folder, saved=True, waiting=False, reused=True)
+        job.acc = SimpleNamespace(results=load_results(folder), layers=LayerStore.load(folder))
+        job.finished.set()
+        return job
 
     def start(self) -> "Job":
         from bora_lab.record import ResultsAccumulator
@@ -117,6 +155,7 @@ class Job:
             _ACTIVE.add(self)
             if self.token:
                 _JOBS[self.token] = self
+        training_queue.QUEUE.join(self)  # in line from now on: a waiting page can show its position
         threading.Thread(target=self._work, name=f"bora-lab-{self.out_dir.name}", daemon=True).start()
         return self
 
@@ -124,19 +163,59 @@ class Job:
     def running(self) -> bool:
         return not self.finished.is_set()
 
+    def remaining_s(self) -> float | None:
+        """Seconds of training left: the live ETA once it trains, else the estimate from step times."""
+        if not self.running:
+            return 0.0
+        if self.progress is not None:
+            return self.progress.eta_s
+        from bora_lab.engine.estimate import estimate
+
+        return estimate(self.cfg, self.cfg.device)["seconds"]
+
+    def watch(self) -> queue.Queue:
+        """A queue of every event from now on, ending with ``END``, for one page streaming this job."""
+        q: queue.Queue = queue.Queue()
+        with self.lock:
+            self.watchers.append(q)
+            if self.finished.is_set():
+                q.put(END)
+        return q
+
+    def unwatch(self, q: queue.Queue) -> None:
+        with self.lock:
+            if q in self.watchers:
+                self.watchers.remove(q)
+
+    def _emit(self, ev: Any) -> None:
+        for q in list(self.watchers):
+            q.put(ev)
+
+    def follow(self, token: str | None) -> None:
+        """The visitor with ``token`` watches this job (identical settings): it is theirs to reload and
+        to find in History too, but not theirs to stop."""
+        if token and token != self.token:
+            with _REGISTRY_LOCK:
+                self.followers.add(token)
+                _JOBS[token] = self
+
+    def unfollow(self, token: str | None) -> None:
+        with _REGISTRY_LOCK:
+            self.followers.discard(token)
+            if token and _JOBS.get(token) is self:
+                del _JOBS[token]
+
     def _work(self) -> None:
-        slot = False
         try:
-            while not (slot := TRAIN_SLOT.acquire(timeout=0.5)):
-                if self.cancel.is_set():  # stopped while waiting: nothing trained
-                    return
+            if not training_queue.QUEUE.acquire(self, self.cancel.is_set):  # stopped while waiting
+                return
             self.waiting = False
             last_flush = time.monotonic()
-            for ev in self.compare_fn(self.cfg, self.cancel):
+            for ev in space.on_device(self.compare_fn, default_compare)(self.cfg, self.cancel):
                 with self.lock:
                     self.acc.update(ev)
                     self._record(ev)
-                self.events.put(ev)
+                    self._emit(ev)
                 if time.monotonic() - last_flush >= CHECKPOINT_S:
                     self._flush()
                     last_flush = time.monotonic()
@@ -147,14 +226,14 @@ class Job:
                 log.exception("comparison failed")
             self.error = common.error_message(err, ", ".join(sorted(self.devices)))
         finally:
-            if slot:
-                TRAIN_SLOT.release()
+            training_queue.QUEUE.release(self)
             self.waiting = False
             self._save()
             with _REGISTRY_LOCK:
                 _ACTIVE.discard(self)
-            self.finished.set()
-            self.events.put(END)
+            with self.lock:
+                self.finished.set()
+                self._emit(END)
 
     def _flush(self) -> None:
         """Write what is there so far (status "running"): a crash leaves a readable partial run."""
@@ -183,8 +262,10 @@ class Job:
 
         results = self.results()
         if all(run["status"] == "pending" for run in results.get("runs", [])):
-            if self.out_dir.is_dir() and not [p for p in self.out_dir.iterdir() if p.name != OWNER_FILE]:
-                (self.out_dir / OWNER_FILE).unlink(missing_ok=True)
+            marks = [p for p in self.out_dir.iterdir() if p.name.startswith(".")] if self.out_dir.is_dir() else []
+            if self.out_dir.is_dir() and len(marks) == len(list(self.out_dir.iterdir())):
+                for mark in marks:  # .owner, .shared_with, .config_key
+                    mark.unlink(missing_ok=True)
                 self.out_dir.rmdir()  # nothing trained (e.g. the model failed to load): no empty folder
             return
         if results.get("status") == "running":  # the trainer raised before ComparisonDone
@@ -219,7 +300,10 @@ class Session:
 
     def __init__(self) -> None:
         self.token: str | None = None  # from the browser (gr.BrowserState), set when the page loads
-        self.job: Job | None = None
+        self.job: Job | None = None  # the comparison this page shows: started, followed or reused
+        self.following = False  # the job was started by another visitor (Stop only stops watching it)
+        self.watch_epoch = 0  # a follower's Stop bumps it: the page's streams of the job end
+        self.present = False  # ?present=1: plots for a projector
         self.run_dirs: list[Path] = []  # every run this visitor started in this process, newest last
         self.md_view = "from_start"
         self.history_results: dict[str, Any] | None = None  # what the History tab shows
@@ -241,6 +325,14 @@ def job_of(token: str | None) -> Job | None:
     """The latest job of the visitor with ``token`` (running or finished in this process)."""
     with _REGISTRY_LOCK:
         return _JOBS.get(token) if token else None
+
+
+def running_job(key: str, root: Path | None = None) -> Job | None:
+    """A job of this process with settings ``key`` that is queued or training now (saved under ``root``)."""
+    root = (root or runs_dir()).resolve()
+    with _REGISTRY_LOCK:
+        jobs = [j for j in _ACTIVE if j.key == key and not j.cancel.is_set() and j.out_dir.resolve().parent == root]
+    return min(jobs, key=lambda j: j.started_at, default=None)
 
 
 def is_active(folder: Path) -> bool:
@@ -284,10 +376,11 @@ def run_folders(session: Session, show_all: bool, root: Path | None = None) -> l
         found = [p for p in session.run_dirs if (p / RESULTS_FILE).is_file()]
         me = owner_id(session.token)
         if me and root.is_dir():
-            for mark in root.glob(f"*/{OWNER_FILE}"):
-                try:
-                    if mark.read_text().strip() == me and (mark.parent / RESULTS_FILE).is_file():
-                        found.append(mark.parent)
-                except OSError:
-                    continue
+            for name in (OWNER_FILE, SHARED_FILE):
+                for mark in root.glob(f"*/{name}"):
+                    try:
+                        if me in mark.read_text().split() and (mark.parent / RESULTS_FILE).is_file():
+                            found.append(mark.parent)
+                    except OSError:
+                        continue
     return sorted(set(found), key=lambda p: (p / RESULTS_FILE).stat().st_mtime, reverse=True)
