@@ -1,4 +1,5 @@
-"""The Lessons tab: one click fills the Compare tab with a teacher's preset; save, upload, link.
+"""The Lessons tab: one click fills the Compare tab with a teacher's preset and shows the lesson's recorded
+result at once (replayed as if live on demand: ``lesson_replay``); save, upload, link.
 
 Lessons are data (``bora_lab.teach.lessons``): validated JSON, never executed. A built-in lesson
 opens from a URL too: ``http://host:7860/?lesson=lora-couples``, with settings on top if the link
@@ -16,7 +17,7 @@ import gradio as gr
 from bora_lab.config import RunConfig
 from bora_lab.teach import lessons as L
 
-from . import form
+from . import form, lesson_replay
 
 NONE_SELECTED = "Pick a lesson on the left: its settings fill the **Compare** tab, then press **Run** there."
 
@@ -103,6 +104,8 @@ def build_lessons_tab(apply_to: dict[str, gr.components.Component],
                                  elem_id="bl-lesson-upload")
             with gr.Column(scale=5):
                 text = gr.Markdown(NONE_SELECTED, elem_id="bl-lesson-text")
+                current = gr.State(None)  # the open lesson, for its recording
+                recorded, _, _ = lesson_replay.build_replay(current)
                 with gr.Accordion("Save the current Compare settings as a lesson", open=False):
                     with gr.Row():
                         title = gr.Textbox(label="Title", max_lines=1)
@@ -155,7 +158,14 @@ def build_lessons_tab(apply_to: dict[str, gr.components.Component],
             return [gr.update(), gr.update(), *[gr.update() for _ in keys]]
         return [gr.update(value=lesson["id"]), lesson_markdown(lesson), *lesson_updates(lesson, keys)]
 
+    def show_recording(choice, store):
+        lesson = _find(choice, store)
+        return [lesson, *lesson_replay.show(lesson)]
+
     picker.input(pick, [picker, uploaded], [text, *targets], concurrency_limit=None, show_progress="hidden")
+    # any change of the lesson (a click, an upload, ?lesson= in the address) shows its recorded result
+    picker.change(show_recording, [picker, uploaded], [current, *recorded], concurrency_limit=None,
+                  show_progress="hidden")
     upload.upload(open_file, [upload, uploaded], [picker, uploaded, text, *targets], concurrency_limit=None)
     save.click(save_lesson, [title, lesson_id, view, summary, predict, look_for, *targets], saved,
                concurrency_limit=None)
