@@ -41,3 +41,19 @@ def test_no_recording_says_how_to_get_one(tmp_path, monkeypatch):
     assert "no recording yet" in lesson_replay.show(lesson)[0]
     assert lesson_replay.show(None)[0] == lesson_replay.NO_LESSON
     assert len(list(lesson_replay.replay(lesson, "10×"))) == 1
+
+
+@pytest.mark.parametrize("lesson", L.builtin_lessons(), ids=lambda les: les["id"])
+def test_builtin_lessons_learn(lesson):
+    """No built-in lesson leaves every run at the majority class (checked on its recording)."""
+    from bora_lab.record.tables import at_majority
+
+    rec = R.load_recording(lesson)
+    if rec is None:
+        pytest.skip(f"no recording of {lesson['id']}: python scripts/record_lessons.py {lesson['id']}")
+    results = rec["results"]
+    task = results.get("task") or {}
+    finals = [r["summary"].get("eval_metric") for r in results["runs"]]
+    assert all(r["status"] == "done" for r in results["runs"])
+    if task.get("majority_baseline") is not None:
+        assert not all(at_majority(m, task) for m in finals), f"{lesson['id']}: every run at the majority class"

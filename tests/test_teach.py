@@ -187,12 +187,12 @@ def test_builtin_lessons_validate_and_fit_a_cpu_class():
         assert wanted in ids
     for les in found:
         s = les["settings"]
+        cfg = L.lesson_config(les)
         if s["model"] == "minilm":  # a class on 2-core laptops: small steps, batches and sequences
-            assert s["steps"] <= 150 and s["batch_size"] <= 16 and s["max_length"] <= 128
+            assert cfg.steps <= 150 and cfg.batch_size <= 16 and cfg.max_length <= 128 and cfg.task == "fine_foods"
         else:  # the synthetic weight-recovery tasks run in seconds on their toy linear layer
             assert s["model"] == "linear" and s["task"].startswith("synthetic_")
         assert les["view"] in L.VIEWS and les["predict"] and les["look_for"]
-        cfg = L.lesson_config(les)
         assert isinstance(cfg, RunConfig) and cfg.methods
     assert L.get_lesson("rank-sweep")["settings"]["ranks"] == [1, 2, 4, 8]
     assert L.get_lesson("no-such-lesson") is None

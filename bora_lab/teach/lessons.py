@@ -41,6 +41,7 @@ VIEWS: dict[str, str] = {  # where to look after the run (shown as "look at <tex
     "md": "the ΔM / ΔD plot, row-wise and column-wise (Compare tab; BoRA figures 2 and 3)",
     "scatter": "the DoRA figure 2 plot, ΔM vs ΔD per layer and checkpoint (Compare tab)",
     "table": "the results table (Compare tab)",
+    "forest": "the forest plot: each method's difference from the baseline with its 95% interval (Compare tab)",
     "inside": "the Inside a layer tab (W0, ΔW, row/column norms, singular values of ΔW)",
     "cards": "the Method cards tab",
     "memory": "the Memory tab (estimate next to the measured peak)",

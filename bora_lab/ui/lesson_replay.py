@@ -52,8 +52,8 @@ def status_text(lesson: dict[str, Any] | None, rec: dict[str, Any] | None) -> st
 def _view_figure(lesson: dict[str, Any], rec: dict[str, Any], results: dict[str, Any]) -> Any:
     """The lesson's own view: ΔM/ΔD, the DoRA figure-2 scatter, or a layer's ΔW spectrum ("inside")."""
     view = lesson.get("view")
-    if view == "scatter":
-        return common.render_plots(results, ["scatter"])["scatter"]
+    if view in ("scatter", "forest"):
+        return common.render_plots(results, [view])[view]
     if view == "inside" and rec.get("layers"):
         from bora_lab.figures.layer_views import layer_figures
         from bora_lab.teach.recordings import layer_store_from
