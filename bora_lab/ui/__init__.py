@@ -8,5 +8,6 @@
 * ``training_queue.py`` (one training at a time, positions), ``reuse.py`` (identical settings computed
   once), ``links.py`` (settings in the address, presenter mode), ``space.py`` (Hugging Face Spaces:
   the runs folder, ZeroGPU): a whole class on one server;
-* ``common.py``: results -> plots and table, progress bar, error text.
+* ``common.py``: results -> plots and table, progress bar, error text;
+* ``i18n.py``: the page in English, 简体中文 and 繁體中文 (Gradio's ``gr.I18n``, tables in ``locales/``).
 """

@@ -3,7 +3,8 @@
 Widgets are drawn from the code they configure: one per ``RunConfig`` field (hand-labelled where a
 label helps, generic otherwise) and one per option of each registered method's config dataclass,
 so a new method or a new config field needs no edit here. The page's address may carry a lesson,
-settings and presenter mode (``bora_lab.ui.links``); the footer says where runs are kept.
+settings and presenter mode (``bora_lab.ui.links``); the footer says where runs are kept. Every
+text is translated by Gradio in the browser's language or the header's choice (``bora_lab.ui.i18n``).
 """
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ from typing import Any
 import gradio as gr
 
 from bora_lab.config import RunConfig, lr_choice
-from bora_lab.limits import limit
+from bora_lab.limits import limit, reuse_runs
 
-from . import (links, space, tab_cards, tab_claims, tab_compare, tab_history, tab_inside, tab_lessons, tab_memory,
-               tab_try, training_queue, visitor)
+from . import (i18n, links, space, tab_cards, tab_claims, tab_compare, tab_history, tab_inside, tab_lessons,
+               tab_memory, tab_try, training_queue, visitor)
+from .i18n import t
 
 TITLE = "BoRA Lab"
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="teal", neutral_hue="slate")
@@ -34,6 +36,8 @@ CSS = """
   {background: var(--error-text-color, #dc2626)}
 .bl-progress-text {font-size: var(--text-sm); margin-top: 4px; opacity: .85}
 #bl-footer {font-size: var(--text-sm); opacity: .75; margin-top: 8px}
+#bl-lang {max-width: 260px}
+.bl-method-list {gap: 0 !important}
 /* presenter mode (?present=1): the settings fold away except Run/Stop, text and plots grow */
 .bl-present #bl-header, .bl-present #bl-settings > :not(#bl-actions), .bl-present #bl-copy-link
   {display: none !important}
@@ -64,15 +68,12 @@ def build_demo(defaults: RunConfig | None = None) -> gr.Blocks:
         session = gr.State(visitor.Session(), delete_callback=visitor.Session.close)
         token = gr.BrowserState(None, storage_key="bora_lab_visitor")
         with gr.Column(elem_id="bl-main") as main:  # ?present=1 adds the class bl-present here
-            gr.Markdown(
-                f"# {TITLE}\nCompare parameter-efficient fine-tuning methods side by side on a real model: "
-                "loss, accuracy, and how each method moves the weights' **magnitude** and **direction**, "
-                "row-wise (per output feature) and column-wise (per input feature).",
-                elem_id="bl-header",
-            )
+            with gr.Row(equal_height=False, elem_id="bl-header"):
+                gr.Markdown(f"# {TITLE}\n" + t("app.intro"))  # one key per string: the title stays as is
+                picker = i18n.language_picker()
             with gr.Tabs():
                 widgets, compare_parts = tab_compare.build_compare_tab(session, base, token, demo)
-                with gr.Tab("History", id="history") as history_tab:
+                with gr.Tab(t("tab.history"), id="history") as history_tab:
                     list_inputs, list_outputs = tab_history.build_tab(session)
                 tab_try.build_try_tab(session)  # type a text: each trained run's answer, disagreements, export
                 lesson_parts = tab_lessons.build_lessons_tab(widgets, read_url=False)  # presets fill Compare
@@ -80,7 +81,11 @@ def build_demo(defaults: RunConfig | None = None) -> gr.Blocks:
                 tab_cards.build_cards_tab()
                 tab_memory.build_memory_tab(session)
                 tab_claims.build_claims_tab()  # each paper claim: the paper's value, ours with its interval
-            gr.Markdown(footer(), elem_id="bl-footer")
+            with gr.Column(elem_id="bl-footer"):
+                gr.Markdown(t(f"footer.storage.{space.runs_root()[1]}"))  # where runs are kept (space.py)
+                gr.Markdown(t("footer.queue.shared") if reuse_runs() else t("footer.queue"))
+        _translate_lessons_tab(demo)
+        i18n.wire_picker(demo, picker)
         history_tab.select(tab_history.list_runs, list_inputs, list_outputs, concurrency_limit=None)
         links.wire(demo, session, main, widgets, compare_parts, lesson_parts)  # Copy link; ?lesson=, settings
     for fn in demo.fns.values():  # the app's events serve its own page; none is a public API endpoint
@@ -92,17 +97,15 @@ def build_demo(defaults: RunConfig | None = None) -> gr.Blocks:
     return demo
 
 
-def footer() -> str:
-    """The page's footer: where runs are kept and how the training queue is shared."""
-    from bora_lab.limits import reuse_runs
-
-    shared = (" Identical settings are computed once: a second visitor asking for them watches the same "
-              "comparison, or gets the finished one at once." if reuse_runs() else "")
-    return f"{space.storage_note()} One comparison trains at a time; the others wait in line.{shared}"
+def _translate_lessons_tab(demo: gr.Blocks) -> None:
+    """The Lessons tab's title in the visitor's language (the tab itself is built by ``tab_lessons``)."""
+    for block in demo.blocks.values():
+        if isinstance(block, gr.Tab) and block.id == "lessons":
+            block.label = t("tab.lessons")
 
 
 def launch(demo: gr.Blocks, **kwargs: Any):
-    """``demo.launch`` with BoRA Lab's theme and CSS (Gradio 6 takes them here, not in ``Blocks``).
+    """``demo.launch`` with BoRA Lab's theme, CSS and translations (Gradio 6 takes them here, not in ``Blocks``).
 
     The runs folder is never served as files (downloads are copies in a temporary bundle); uploads
     are capped at ``BORA_LAB_MAX_UPLOAD_MB``. On SIGTERM (a Space restarting) every running
@@ -115,6 +118,7 @@ def launch(demo: gr.Blocks, **kwargs: Any):
     kwargs.setdefault("css", CSS)
     kwargs.setdefault("max_file_size", f"{limit('upload_mb')}mb")
     kwargs.setdefault("max_threads", 200)
+    kwargs.setdefault("i18n", i18n.i18n())  # English, 简体中文, 繁體中文: the browser's language or the picker
     space.prepare()
 
     def on_sigterm(signum, frame):

@@ -25,7 +25,7 @@ from bora_lab.teach import lessons as L
 
 from . import form
 
-RESERVED = ("lesson", "present", "view")  # read elsewhere (lesson), or Gradio's own (view=api, __theme)
+RESERVED = ("lesson", "present", "view", "lang")  # read elsewhere (lesson; lang: bora_lab.ui.i18n), or Gradio's
 PRESENT_CLASS = "bl-present"
 NOT_APPLIED = "This link's settings were not applied: "
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")

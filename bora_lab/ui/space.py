@@ -45,16 +45,18 @@ def runs_root() -> tuple[Path, str]:
     return _temporary_runs(), "temporary"
 
 
+STORAGE_NOTES = {  # runs_root()'s kind -> the footer's line (translated on the page: footer.storage.<kind>)
+    "persistent": "Runs are kept in persistent storage /data: they survive a restart of the Space.",
+    "temporary": "Runs are kept in a temporary folder and vanish when the Space restarts "
+                 "(add persistent storage to keep them).",
+    "set": "Runs are kept in the folder set by BORA_LAB_RUNS.",
+    "local": "Runs are kept in ./runs (set BORA_LAB_RUNS to change it).",
+}
+
+
 def storage_note() -> str:
     """One line for the page's footer: where this server keeps the runs (no server path beyond /data)."""
-    kind = runs_root()[1]
-    return {
-        "persistent": "Runs are kept in persistent storage /data: they survive a restart of the Space.",
-        "temporary": "Runs are kept in a temporary folder and vanish when the Space restarts "
-                     "(add persistent storage to keep them).",
-        "set": "Runs are kept in the folder set by BORA_LAB_RUNS.",
-        "local": "Runs are kept in ./runs (set BORA_LAB_RUNS to change it).",
-    }[kind]
+    return STORAGE_NOTES[runs_root()[1]]
 
 
 def zero_gpu() -> bool:

@@ -12,6 +12,7 @@ import gradio as gr
 from bora_lab.methods import registry
 
 from . import common, form
+from .i18n import t
 
 MODELS = ["minilm", "smollm2"]
 RANKS = ["1", "2", "4", "8", "16", "32", "64"]
@@ -59,23 +60,22 @@ def render_card(method: str, model: str, layer: str | None, rank: Any) -> tuple[
 def build_cards_tab() -> None:
     """Add the "Method cards" tab (call inside the app's ``gr.Tabs()``)."""
     methods = registry.available()
-    with gr.Tab("Method cards", id="cards") as tab:
+    with gr.Tab(t("tab.cards"), id="cards") as tab:
         with gr.Row():
             first = "bora" if "bora" in methods else (methods[0] if methods else None)
             method = gr.Dropdown([(form.method_label(m), m) for m in methods], value=first,
-                                 label="Method", elem_id="bl-card-method", scale=3)
-            model = gr.Dropdown(MODELS, value="minilm", allow_custom_value=True, label="Model",
-                                info="offline: minilm, smollm2; any Hugging Face id when online", scale=1)
-            layer = gr.Dropdown([], value=None, label="Layer", info="the wrapped layer the shapes refer to", scale=2)
-            rank = gr.Dropdown(RANKS, value="8", allow_custom_value=True, label="Rank", scale=1)
+                                 label=t("common.method"), elem_id="bl-card-method", scale=3)
+            model = gr.Dropdown(MODELS, value="minilm", allow_custom_value=True, label=t("field.model"),
+                                info=t("cards.model.help"), scale=1)
+            layer = gr.Dropdown([], value=None, label=t("cards.layer"), info=t("cards.layer.help"), scale=2)
+            rank = gr.Dropdown(RANKS, value="8", allow_custom_value=True, label=t("common.rank"), scale=1)
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
-                card_md = gr.Markdown("Open this tab to load the cards.", latex_delimiters=LATEX, elem_id="bl-card")
+                card_md = gr.Markdown(t("cards.loading"), latex_delimiters=LATEX, elem_id="bl-card")
             with gr.Column(scale=2):
-                shapes = gr.Plot(label="Shapes", elem_id="bl-card-shapes")
+                shapes = gr.Plot(label=t("cards.shapes"), elem_id="bl-card-shapes")
         table = gr.Dataframe(headers=["method", "kind", "trainable", "% of model", "magnitude axis", "mergeable", "note"],
-                             label="Every registered method on this model and rank (trainable includes the task head)",
-                             interactive=False, wrap=True, elem_id="bl-card-table")
+                             label=t("cards.table"), interactive=False, wrap=True, elem_id="bl-card-table")
 
     def on_model(model_v, method_v, rank_v):
         try:

@@ -15,6 +15,7 @@ from typing import Any
 import gradio as gr
 
 from . import common, form
+from .i18n import t
 
 MAX_SEEDS = 5  # a public Space: a claim re-run here trains at most this many seeds per method
 
@@ -126,17 +127,16 @@ def run_claim(claim_id: str | None, seeds_text: str):
 
 def build_claims_tab() -> None:
     """Add the "Paper claims" tab (call inside the app's ``gr.Tabs()``)."""
-    with gr.Tab("Paper claims", id="claims") as tab:
-        gr.Markdown("What the source papers claim, what BoRA Lab measures on the models it can run (with 95% "
-                    "intervals over seeds), and a verdict: *reproduced*, *partly reproduced*, *not reproduced at "
-                    "this scale* (the interval cannot tell), *not reproduced* or *opposite*.")
+    with gr.Tab(t("tab.claims"), id="claims") as tab:
+        gr.Markdown(t("claims.intro"))
         table = gr.Dataframe(headers=["claim", "source", "recorded verdict", "recorded"], interactive=False,
                              wrap=True, elem_id="bl-claims-overview")
         with gr.Row():
-            pick = gr.Dropdown(choices=claim_choices(), value=None, label="Claim", scale=3, elem_id="bl-claim-pick")
-            seeds = gr.Textbox(label="Seeds (training claims)", placeholder="the claim's own, e.g. 0,1,2", scale=1)
-            run = gr.Button("Run", variant="primary", scale=0, elem_id="bl-claim-run")
-            stop = gr.Button("Stop", variant="stop", scale=0)
+            pick = gr.Dropdown(choices=claim_choices(), value=None, label=t("claims.claim"), scale=3,
+                               elem_id="bl-claim-pick")
+            seeds = gr.Textbox(label=t("claims.seeds"), placeholder=t("claims.seeds.example"), scale=1)
+            run = gr.Button(t("compare.run"), variant="primary", scale=0, elem_id="bl-claim-run")
+            stop = gr.Button(t("compare.stop"), variant="stop", scale=0)
         status = gr.HTML(elem_id="bl-claim-status")
         text = gr.Markdown(elem_id="bl-claim-text")
         rows = gr.Dataframe(headers=["row", "paper", "ours [95% interval]", "unit", "verdict"], interactive=False,

@@ -30,7 +30,8 @@ from bora_lab.config import RunConfig
 from bora_lab.limits import limit, reuse_runs
 
 from . import common, form, links, reuse, training_queue, visitor
-from .compare_layout import COST_KEYS, cost_text, plots_column, settings_column
+from .compare_layout import COST_KEYS, cost_text, methods_changed, plots_column, settings_column
+from .i18n import t
 from .visitor import END, Job, Session, default_compare, job_of, new_run_dir, owner_id
 
 __all__ = ["COST_KEYS", "cost_text", "run_comparison", "stop_comparison", "attach", "render", "build_compare_tab"]
@@ -313,17 +314,16 @@ def build_compare_tab(session: gr.State, base: RunConfig, token: gr.BrowserState
         "Copy link" button and link box (``"copy_link"``, ``"link"``; wired by ``bora_lab.ui.links``).
     """
     values = form.ui_values(base)
-    with gr.Tab("Compare", id="compare"):
+    with gr.Tab(t("tab.compare"), id="compare"):
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=380, elem_id="bl-settings"):
                 widgets, option_groups, method_notes = settings_column(values)
                 with gr.Row(elem_id="bl-actions"):
-                    run_btn = gr.Button("Run", variant="primary", elem_id="bl-run")
-                    stop_btn = gr.Button("Stop", variant="stop", elem_id="bl-stop")
-                    copy_btn = gr.Button("Copy link", variant="secondary", elem_id="bl-copy-link")
-                link = gr.Textbox(label="Link to these settings", elem_id="bl-link", visible=False, lines=2,
-                                  max_lines=4, info="copied to your clipboard when the browser allows it; add "
-                                  "&present=1 for a projector")
+                    run_btn = gr.Button(t("compare.run"), variant="primary", elem_id="bl-run")
+                    stop_btn = gr.Button(t("compare.stop"), variant="stop", elem_id="bl-stop")
+                    copy_btn = gr.Button(t("compare.copy_link"), variant="secondary", elem_id="bl-copy-link")
+                link = gr.Textbox(label=t("compare.link"), elem_id="bl-link", visible=False, lines=2,
+                                  max_lines=4, info=t("compare.link.help"))
                 cost = gr.Markdown(cost_text(*[values[k] for k in form.input_keys()]), elem_id="bl-cost")
             with gr.Column(scale=5, elem_id="bl-plots"):
                 plots = plots_column()
@@ -338,8 +338,8 @@ def build_compare_tab(session: gr.State, base: RunConfig, token: gr.BrowserState
                             show_progress="hidden")
     for key in COST_KEYS:  # the cost line follows every setting that changes it
         widgets[key].change(cost_text, inputs[1:], cost, concurrency_limit=None, show_progress="hidden")
-    widgets["methods"].change(form.methods_changed, widgets["methods"],
-                              [method_notes] + [option_groups[m] for m in form.option_methods()],
+    widgets["methods"].change(methods_changed, widgets["methods"],
+                              method_notes + [option_groups[m] for m in form.option_methods()],
                               concurrency_limit=None, show_progress="hidden")
     widgets["task"].input(functools.partial(form.task_changed, base=base), widgets["task"],
                           [widgets[k] for k in form.task_default_keys()], concurrency_limit=None,

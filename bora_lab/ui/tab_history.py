@@ -22,6 +22,8 @@ import gradio as gr
 from bora_lab.limits import limit, private_runs
 
 from . import common, tab_try, visitor
+from .compare_layout import md_view_radio
+from .i18n import t
 
 DOWNLOAD_SUFFIXES = (".json", ".csv", ".html")
 LIST_COLUMNS = ["run folder", "saved", "model", "task", "runs", "steps", "state"]
@@ -191,37 +193,36 @@ def build_tab(session: gr.State) -> tuple[list, list]:
         ``(inputs, outputs)`` of :func:`list_runs`, for the layout to refresh the list when the tab opens.
     """
     with gr.Row():
-        show_all = gr.Checkbox(visitor.shared_history_default(), label="Show every saved run (CLI runs, other sessions)",
+        show_all = gr.Checkbox(visitor.shared_history_default(), label=t("history.show_all"),
                                visible=not private_runs())  # private runs: nobody sees another's
-        refresh = gr.Button("Refresh", size="sm", scale=0, elem_id="bl-history-refresh")
-    listing = gr.Dataframe(label="Saved runs (newest first)", interactive=False, elem_id="bl-history-list")
+        refresh = gr.Button(t("common.refresh"), size="sm", scale=0, elem_id="bl-history-refresh")
+    listing = gr.Dataframe(label=t("history.saved"), interactive=False, elem_id="bl-history-list")
     with gr.Row():
-        chosen = gr.Dropdown([], multiselect=True, label="Runs to open", info="pick several to overlay them",
+        chosen = gr.Dropdown([], multiselect=True, label=t("history.pick"), info=t("history.pick.help"),
                              elem_id="bl-history-pick", scale=4)
-        open_btn = gr.Button("Open", variant="primary", scale=1, min_width=120, elem_id="bl-history-open")
-    with gr.Accordion("Open a results.json from elsewhere (e.g. a CLI run on another machine)", open=False):
+        open_btn = gr.Button(t("history.open"), variant="primary", scale=1, min_width=120, elem_id="bl-history-open")
+    with gr.Accordion(t("history.upload"), open=False):
         upload = gr.File(label="results.json", file_types=[".json"], height=140)
     status = gr.Markdown(elem_id="bl-history-status")
     empty = common.empty_plots()
     with gr.Row(equal_height=True):
         loss = gr.Plot(empty["loss"], label="Training loss", show_label=False)
         metric = gr.Plot(empty["metric"], label="Evaluation metric", show_label=False)
-    view = gr.Radio(list(common.MD_VIEWS), value=list(common.MD_VIEWS)[0], label="ΔM / ΔD view")
+    view = md_view_radio()
     md = gr.Plot(empty["md"], label="Magnitude and direction changes", show_label=False)
     scatter = gr.Plot(empty["scatter"], label="DoRA figure 2", show_label=False)
     forest = gr.Plot(empty["forest"], label="Difference from the baseline", show_label=False)
-    table = gr.Dataframe(empty["table"], label="Results", interactive=False, wrap=False,
+    table = gr.Dataframe(empty["table"], label=t("compare.results"), interactive=False, wrap=False,
                          elem_id="bl-history-table")
-    files = gr.File(label="Downloads (results.json, CSV, standalone HTML plots)", file_count="multiple",
-                    interactive=False)
-    with gr.Accordion("Export a trained run of the opened comparison", open=False):
+    files = gr.File(label=t("history.downloads"), file_count="multiple", interactive=False)
+    with gr.Accordion(t("history.export"), open=False):
         with gr.Row(equal_height=True):
-            export_pick = gr.Dropdown([], label="Run", info="runs with a saved adapter", scale=3,
+            export_pick = gr.Dropdown([], label=t("common.run"), info=t("history.export.help"), scale=3,
                                       elem_id="bl-history-export-run")
-            peft_btn = gr.Button("Export as PEFT adapter", scale=1, elem_id="bl-history-export-peft")
-            merged_btn = gr.Button("Export merged model", scale=1, elem_id="bl-history-export-merged")
+            peft_btn = gr.Button(t("export.peft"), scale=1, elem_id="bl-history-export-peft")
+            merged_btn = gr.Button(t("export.merged"), scale=1, elem_id="bl-history-export-merged")
         export_status = gr.Markdown(elem_id="bl-history-export-status")
-        export_file = gr.File(label="Exported run (zip)", interactive=False, elem_id="bl-history-export-file")
+        export_file = gr.File(label=t("export.file"), interactive=False, elem_id="bl-history-export-file")
     shown = [status, loss, metric, md, scatter, forest, table]
     for trigger in (refresh.click, show_all.change):
         trigger(list_runs, [session, show_all], [listing, chosen], concurrency_limit=None)

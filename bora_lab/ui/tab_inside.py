@@ -15,6 +15,7 @@ from typing import Any
 import gradio as gr
 
 from . import common, visitor
+from .i18n import t
 
 LIVE = "live"  # source value of this session's current (or last) comparison
 PLAY_DELAY_S = 0.8  # pause between frames of Play
@@ -172,23 +173,18 @@ def play(session: visitor.Session, source: str | None, run_id: str | None, modul
 
 def build_inside_tab(session: gr.State) -> gr.Tab:
     """Build the "Inside a layer" tab (inside a ``gr.Tabs``) and its wiring; returns the tab."""
-    with gr.Tab("Inside a layer", id="inside") as tab:
-        gr.Markdown("What each method does to one weight matrix `W: [out, in]` (rows = output features, "
-                    "columns = input features): `W0`, the merged `W`, the update `ΔW`, the row and column norms, "
-                    "the singular values of `ΔW` next to the chosen rank, and the method's own structure "
-                    "(SBoRA's touched columns, MoRA's compress/decompress maps, QLoRA's NF4 code values, "
-                    "LoRA2/AdaLoRA's remaining ranks). Runs keep `W0` and `ΔW` at step 0 and at up to "
-                    "*layer checkpoints* later analysis steps.")
+    with gr.Tab(t("tab.inside"), id="inside") as tab:
+        gr.Markdown(t("inside.intro"))
         with gr.Row(equal_height=True):
-            source = gr.Dropdown([], label="Comparison", info="this session's run, or a saved run folder",
+            source = gr.Dropdown([], label=t("common.comparison"), info=t("inside.source.help"),
                                  scale=4, elem_id="bl-inside-source")
-            run = gr.Dropdown([], label="Run", scale=2, elem_id="bl-inside-run")
-            module = gr.Dropdown([], label="Module", scale=3, elem_id="bl-inside-module")
-            again = gr.Button("Refresh", size="sm", scale=0, elem_id="bl-inside-refresh")
+            run = gr.Dropdown([], label=t("common.run"), scale=2, elem_id="bl-inside-run")
+            module = gr.Dropdown([], label=t("inside.module"), scale=3, elem_id="bl-inside-module")
+            again = gr.Button(t("common.refresh"), size="sm", scale=0, elem_id="bl-inside-refresh")
         with gr.Row(equal_height=True):
-            step = gr.Slider(0, 1, value=0, step=1, label="Step", scale=5, elem_id="bl-inside-step")
-            play_btn = gr.Button("▶ Play", scale=0, elem_id="bl-inside-play")
-        status = gr.Markdown(_EMPTY_MSG, elem_id="bl-inside-status")
+            step = gr.Slider(0, 1, value=0, step=1, label=t("inside.step"), scale=5, elem_id="bl-inside-step")
+            play_btn = gr.Button("▶ " + t("inside.play"), scale=0, elem_id="bl-inside-play")
+        status = gr.Markdown(t("inside.empty"), elem_id="bl-inside-status")  # _EMPTY_MSG, translated
         blank = _blank("nothing chosen yet")
         plots = {k: gr.Plot(blank[k], show_label=False, elem_id=f"bl-inside-{k}") for k in PLOTS}
     shown = [status] + [plots[k] for k in PLOTS]

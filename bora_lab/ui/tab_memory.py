@@ -14,6 +14,7 @@ import gradio as gr
 from bora_lab.methods import registry
 
 from . import common, visitor
+from .i18n import t
 
 SOURCES = ("model id", "typed sizes")
 PRECISIONS = ["fp32", "bf16", "int8", "nf4"]
@@ -124,56 +125,57 @@ def build_memory_tab(session: gr.State | None = None) -> None:
     from bora_lab.teach.memory import OPTIMIZERS
 
     methods = registry.available()
-    with gr.Tab("Memory", id="memory") as tab:
-        gr.Markdown("Estimate the memory of a fine-tuning run, component by component. "
-                    "**Lecture example** reproduces the lecture's QLoRA bill for Llama-3-8B.")
+    with gr.Tab(t("tab.memory"), id="memory") as tab:
+        gr.Markdown(t("memory.intro"))
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=320):
-                lecture = gr.Button("Lecture example: QLoRA on Llama-3-8B", elem_id="bl-mem-lecture")
-                source = gr.Radio(list(SOURCES), value="model id", label="Model from")
+                lecture = gr.Button(t("memory.lecture"), elem_id="bl-mem-lecture")
+                source = gr.Radio([(t("memory.source.model_id"), SOURCES[0]), (t("memory.source.typed"), SOURCES[1])],
+                                  value="model id", label=t("memory.source"))
                 with gr.Row():
                     model_id = gr.Dropdown(["minilm", "smollm2"], value="minilm", allow_custom_value=True,
-                                           label="Model id", info="any Hugging Face id when online")
-                    num_layers = gr.Number(0, precision=0, label="Layers kept", info="0 = all")
-                with gr.Accordion("Typed sizes", open=False):
-                    name = gr.Textbox("typed sizes", max_lines=1, label="Name")
+                                           label=t("memory.model_id"), info=t("memory.model_id.help"))
+                    num_layers = gr.Number(0, precision=0, label=t("field.num_layers"), info=t("memory.zero_all"))
+                with gr.Accordion(t("memory.typed"), open=False):
+                    name = gr.Textbox("typed sizes", max_lines=1, label=t("memory.name"))
                     with gr.Row():
-                        params = gr.Number(8e9, label="Parameters")
-                        layers = gr.Number(32, precision=0, label="Layers")
-                        hidden = gr.Number(4096, precision=0, label="Hidden size")
+                        params = gr.Number(8e9, label=t("memory.params"))
+                        layers = gr.Number(32, precision=0, label=t("memory.layers"))
+                        hidden = gr.Number(4096, precision=0, label=t("memory.hidden"))
                     with gr.Row():
-                        vocab = gr.Number(128256, precision=0, label="Vocabulary")
-                        heads = gr.Number(32, precision=0, label="Heads", info="0 = hidden/128")
-                        kv_heads = gr.Number(8, precision=0, label="KV heads", info="0 = heads")
+                        vocab = gr.Number(128256, precision=0, label=t("memory.vocab"))
+                        heads = gr.Number(32, precision=0, label=t("memory.heads"), info=t("memory.heads.help"))
+                        kv_heads = gr.Number(8, precision=0, label=t("memory.kv_heads"), info=t("memory.kv_heads.help"))
                 with gr.Row():
-                    method = gr.Dropdown(methods, value="lora" if "lora" in methods else methods[0], label="Method")
-                    rank = gr.Number(8, precision=0, label="Rank")
+                    method = gr.Dropdown(methods, value="lora" if "lora" in methods else methods[0],
+                                         label=t("common.method"))
+                    rank = gr.Number(8, precision=0, label=t("common.rank"))
                 with gr.Row():
-                    precision = gr.Radio(PRECISIONS, value="fp32", label="Base precision")
-                    optimizer = gr.Dropdown(list(OPTIMIZERS), value="adamw", label="Optimizer")
+                    precision = gr.Radio(PRECISIONS, value="fp32", label=t("memory.precision"))
+                    optimizer = gr.Dropdown(list(OPTIMIZERS), value="adamw", label=t("memory.optimizer"))
                 with gr.Row():
-                    batch = gr.Number(16, precision=0, label="Batch size")
-                    seq = gr.Number(128, precision=0, label="Sequence length")
+                    batch = gr.Number(16, precision=0, label=t("field.batch_size"))
+                    seq = gr.Number(128, precision=0, label=t("memory.seq"))
                 with gr.Row():
-                    checkpointing = gr.Checkbox(False, label="Gradient checkpointing")
-                    flash = gr.Checkbox(False, label="Flash attention (no stored scores)")
-                with gr.Accordion("Advanced", open=False):
-                    trainable = gr.Number(0, label="Trainable parameters", info="0 = count them for the method")
+                    checkpointing = gr.Checkbox(False, label=t("field.grad_checkpointing"))
+                    flash = gr.Checkbox(False, label=t("memory.flash"))
+                with gr.Accordion(t("memory.advanced"), open=False):
+                    trainable = gr.Number(0, label=t("memory.trainable"), info=t("memory.trainable.help"))
                     with gr.Row():
-                        adapter_prec = gr.Dropdown(PREC_CHOICES, value="auto", label="Adapter precision")
-                        grad_prec = gr.Dropdown(PREC_CHOICES, value="auto", label="Gradient precision")
-                        compute_prec = gr.Dropdown(PREC_CHOICES, value="auto", label="Activation precision")
-                    quantize_all = gr.Checkbox(False, label="int8/NF4: quantise every parameter",
-                                               info="the lecture's simplification; off = only Linear-layer weights")
+                        adapter_prec = gr.Dropdown(PREC_CHOICES, value="auto", label=t("memory.adapter_prec"))
+                        grad_prec = gr.Dropdown(PREC_CHOICES, value="auto", label=t("memory.grad_prec"))
+                        compute_prec = gr.Dropdown(PREC_CHOICES, value="auto", label=t("memory.compute_prec"))
+                    quantize_all = gr.Checkbox(False, label=t("memory.quantize_all"), info=t("memory.quantize_all.help"))
                 with gr.Row():
-                    measured = gr.Number(0, label="Measured peak (MiB)", info="0 = none")
+                    measured = gr.Number(0, label=t("memory.measured"), info=t("memory.measured.help"))
                     measured_kind = gr.Textbox("", visible=False)
                 with gr.Row():
-                    run_pick = gr.Dropdown([], value=None, label="Measured peak from a saved run", scale=3)
-                    refresh = gr.Button("Refresh runs", scale=1, size="sm")
+                    run_pick = gr.Dropdown([], value=None, label=t("memory.run_pick"), scale=3)
+                    refresh = gr.Button(t("memory.refresh"), scale=1, size="sm")
             with gr.Column(scale=3):
-                plot = gr.Plot(label="Memory estimate", elem_id="bl-mem-plot")
-                table = gr.Dataframe(headers=["component", "GB", "share %"], label="Breakdown", interactive=False)
+                plot = gr.Plot(label=t("memory.plot"), elem_id="bl-mem-plot")
+                table = gr.Dataframe(headers=["component", "GB", "share %"], label=t("memory.breakdown"),
+                                     interactive=False)
                 notes = gr.Markdown(elem_id="bl-mem-notes")
 
     inputs = [source, model_id, num_layers, name, params, layers, hidden, vocab, heads, kv_heads, method, rank, precision,

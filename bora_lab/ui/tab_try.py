@@ -27,6 +27,7 @@ from typing import Any
 import gradio as gr
 
 from . import common, visitor
+from .i18n import t
 
 MAX_RUNS = 6  # runs side by side, and runs kept loaded per visitor (least recently used go first)
 MAX_CHARS = 2000  # the longest text accepted
@@ -344,41 +345,41 @@ def export(session: visitor.Session, name: str | None, run_id: str | None, fmt: 
 # -------------------- Layout
 def build_try_tab(session: gr.State) -> gr.Tab:
     """Build the "Try it" tab (inside a ``gr.Tabs``) and its wiring; returns the tab."""
-    with gr.Tab("Try it", id="try") as tab:
-        gr.Markdown("Type a text and see what each trained run makes of it, side by side, next to the base model "
-                    "it started from. Runs come from your finished comparisons (this visit's, or saved ones).")
+    with gr.Tab(t("tab.try"), id="try") as tab:
+        gr.Markdown(t("try.intro"))
         with gr.Row(equal_height=True):
-            source = gr.Dropdown([], label="Comparison", scale=4, elem_id="bl-try-source")
-            again = gr.Button("Refresh", size="sm", scale=0, elem_id="bl-try-refresh")
-        runs = gr.Dropdown([], multiselect=True, max_choices=MAX_RUNS, label=f"Runs (up to {MAX_RUNS})",
-                           elem_id="bl-try-runs")
+            source = gr.Dropdown([], label=t("common.comparison"), scale=4, elem_id="bl-try-source")
+            again = gr.Button(t("common.refresh"), size="sm", scale=0, elem_id="bl-try-refresh")
+        runs = gr.Dropdown([], multiselect=True, max_choices=MAX_RUNS, label=t("try.runs") + f" (≤ {MAX_RUNS})", elem_id="bl-try-runs")
         about = gr.Markdown(elem_id="bl-try-about")
-        text = gr.Textbox(lines=3, max_length=MAX_CHARS, label=f"Your text (up to {MAX_CHARS:,} characters)",
-                          placeholder="e.g. The coffee arrived stale and the bag was torn.", elem_id="bl-try-text")
+        text = gr.Textbox(lines=3, max_length=MAX_CHARS, label=t("try.text") + f" (≤ {MAX_CHARS:,})",
+                          placeholder=t("try.text.example"), elem_id="bl-try-text")
         with gr.Row(visible=False) as lm_opts:
-            mode = gr.Radio(["greedy", "sampled"], value="greedy", label="Decoding", elem_id="bl-try-mode")
-            temperature = gr.Slider(0.05, 2.0, value=0.8, step=0.05, label="Temperature (sampled)")
-            max_new = gr.Slider(1, MAX_NEW_TOKENS, value=50, step=1, label="Max new tokens")
-            seed = gr.Number(0, precision=0, label="Sampling seed", minimum=0)
+            mode = gr.Radio([(t("try.mode.greedy"), "greedy"), (t("try.mode.sampled"), "sampled")], value="greedy",
+                            label=t("try.mode"), elem_id="bl-try-mode")
+            temperature = gr.Slider(0.05, 2.0, value=0.8, step=0.05, label=t("try.temperature"))
+            max_new = gr.Slider(1, MAX_NEW_TOKENS, value=50, step=1, label=t("try.max_new"))
+            seed = gr.Number(0, precision=0, label=t("try.seed"), minimum=0)
         with gr.Row():
-            go = gr.Button("Try", variant="primary", elem_id="bl-try-go")
-            stop = gr.Button("Stop", variant="stop", elem_id="bl-try-stop")
+            go = gr.Button(t("try.go"), variant="primary", elem_id="bl-try-go")
+            stop = gr.Button(t("compare.stop"), variant="stop", elem_id="bl-try-stop")
         status = gr.Markdown(elem_id="bl-try-status")
         with gr.Row(elem_id="bl-try-labels"):  # one slot per run, then the base
             labels = [gr.Label(visible=False, min_width=220, elem_id=f"bl-try-label-{i}") for i in range(SLOTS)]
             texts = [gr.Textbox(visible=False, lines=6, interactive=False, min_width=220, elem_id=f"bl-try-out-{i}")
                      for i in range(SLOTS)]
-        with gr.Accordion("Where they disagree (test set)", open=True):
-            at = gr.Radio(list(AT), value=next(iter(AT)), label="Evaluation", elem_id="bl-try-at")
+        with gr.Accordion(t("try.disagree"), open=True):
+            at = gr.Radio(list(zip((t("try.at.final"), t("try.at.best")), AT)), value=next(iter(AT)),  # AT's order
+                          label=t("try.at"), elem_id="bl-try-at")
             summary = gr.Markdown(elem_id="bl-try-disagree-summary")
             table = gr.Dataframe(interactive=False, wrap=True, elem_id="bl-try-disagree")
-        with gr.Accordion("Export a trained run", open=False):
+        with gr.Accordion(t("try.export"), open=False):
             with gr.Row(equal_height=True):
-                export_run = gr.Dropdown([], label="Run", scale=3, elem_id="bl-try-export-run")
-                peft_btn = gr.Button("Export as PEFT adapter", scale=1, elem_id="bl-try-export-peft")
-                merged_btn = gr.Button("Export merged model", scale=1, elem_id="bl-try-export-merged")
+                export_run = gr.Dropdown([], label=t("common.run"), scale=3, elem_id="bl-try-export-run")
+                peft_btn = gr.Button(t("export.peft"), scale=1, elem_id="bl-try-export-peft")
+                merged_btn = gr.Button(t("export.merged"), scale=1, elem_id="bl-try-export-merged")
             export_status = gr.Markdown(elem_id="bl-try-export-status")
-            export_file = gr.File(label="Exported run (zip)", interactive=False, elem_id="bl-try-export-file")
+            export_file = gr.File(label=t("export.file"), interactive=False, elem_id="bl-try-export-file")
     own = {"concurrency_limit": CONCURRENCY, "concurrency_id": "try_it"}  # not behind training ("train")
     fast = {"concurrency_limit": None, "show_progress": "hidden"}
     chosen = [runs, about, lm_opts, export_run, status, *labels, *texts]
