@@ -277,7 +277,7 @@ def test_tabs_build_and_fill_compare_widgets():
             build_lessons_tab(widgets)
             build_cards_tab()
             build_memory_tab()
-    assert {"Lessons", "Method cards", "Memory"} <= {b.label for b in demo.blocks.values() if isinstance(b, gr.Tab)}
+    assert {"lessons", "cards", "memory"} <= {b.id for b in demo.blocks.values() if isinstance(b, gr.Tab)}
     lesson = L.get_lesson("rank-sweep")
     values = dict(zip(keys, lesson_updates(lesson, keys)))
     assert values["ranks"]["value"] == ["1", "2", "4", "8"] and values["steps"]["value"] == 600
