@@ -10,17 +10,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
 import pytest
+from served_app import free_port, serve_app
 
 from bora_lab.config import RunConfig
 from bora_lab.record.events import ComparisonDone, Progress, RunFinished, RunStarted, Step
@@ -354,12 +352,6 @@ LESSON = "lora-couples"  # lora and dora, MiniLM cut to 2 layers; the link below
 SHRINK = "steps=100&eval_every=50&eval_samples=16&batch_size=4&max_length=24"  # about 10 s of training
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def space_app(tmp_path_factory):
     """The assembled Space, started as Hugging Face starts it."""
@@ -368,32 +360,13 @@ def space_app(tmp_path_factory):
     pytest.importorskip("playwright.sync_api")
     tmp = tmp_path_factory.mktemp("space")
     folder = build_space.build(tmp / "space")
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BORA_LAB_", "PYTHONPATH"))}
     env.update({"SPACE_ID": "teacher/bora-lab", "GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": str(port),
                 "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2",
                 "TMPDIR": str(tmp)})  # the Space has no /data: runs go to a temporary folder, here under tmp
-    log = open(tmp / "app.log", "w")
-    proc = subprocess.Popen([sys.executable, "app.py"], cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"the Space did not start:\n{(tmp / 'app.log').read_text()[-3000:]}")
-                time.sleep(0.5)
+    with serve_app(folder, env, tmp / "app.log", port, what="the Space") as url:
         yield url, tmp
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def _status(page) -> str:

@@ -10,15 +10,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import gradio as gr
 import pytest
+from served_app import free_port, serve_app
 
 from bora_lab.ui import i18n
 
@@ -168,69 +164,45 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
 SCREENSHOT = Path(os.environ.get("BORA_ZH_SCREENSHOT", "/tmp/bora_zh.png"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.browser
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing (apt-get install chromium)")
 def test_a_chinese_browser_gets_the_page_in_chinese(tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
            "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "BORA_LAB_RUNS": str(tmp_path / "runs"),
            "OMP_NUM_THREADS": "1"}
-    url = f"http://127.0.0.1:{port}/"
-    with open(tmp_path / "app.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    urllib.request.urlopen(url, timeout=2)
-                    break
-                except OSError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        pytest.fail(f"the app did not start:\n{(tmp_path / 'app.log').read_text()[-3000:]}")
-                    time.sleep(0.5)
-            with sync_api.sync_playwright() as p:
-                browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS + ["--lang=zh-CN"])
-                tabs = lambda page: [t.inner_text() for t in page.get_by_role("tab").all()]  # noqa: E731
+    with serve_app(ROOT, env, tmp_path / "app.log", port) as url:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS + ["--lang=zh-CN"])
+            tabs = lambda page: [t.inner_text() for t in page.get_by_role("tab").all()]  # noqa: E731
 
-                # Simplified Chinese from the browser's language (navigator.language and Accept-Language)
-                page = browser.new_page(locale="zh-CN", viewport={"width": 1600, "height": 1000})
-                page.set_default_timeout(60_000)
-                page.goto(url)
-                page.wait_for_function("() => document.querySelector('#bl-run')?.innerText.trim() === '运行'")
-                assert tabs(page)[:2] == ["比较", "历史记录"]
-                assert "步数" in page.inner_text("#bl-field-steps") and "方法" in page.inner_text("#bl-methods")
-                page.wait_for_function("() => document.querySelector('#bl-lang input')?.value === '简体中文'")
-                SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-                page.screenshot(path=str(SCREENSHOT))
-                assert "LoRA" in page.inner_text("#bl-method-notes")  # method names as they are
+            # Simplified Chinese from the browser's language (navigator.language and Accept-Language)
+            page = browser.new_page(locale="zh-CN", viewport={"width": 1600, "height": 1000})
+            page.set_default_timeout(60_000)
+            page.goto(url)
+            page.wait_for_function("() => document.querySelector('#bl-run')?.innerText.trim() === '运行'")
+            assert tabs(page)[:2] == ["比较", "历史记录"]
+            assert "步数" in page.inner_text("#bl-field-steps") and "方法" in page.inner_text("#bl-methods")
+            page.wait_for_function("() => document.querySelector('#bl-lang input')?.value === '简体中文'")
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT))
+            assert "LoRA" in page.inner_text("#bl-method-notes")  # method names as they are
 
-                # a Hong Kong browser: Traditional Chinese (Gradio alone would show English)
-                hk = browser.new_page(locale="zh-HK", viewport={"width": 1600, "height": 1000})
-                hk.set_default_timeout(60_000)
-                hk.goto(url)
-                hk.wait_for_function("() => document.querySelector('#bl-run')?.innerText.trim() === '運行'")
-                assert tabs(hk)[:3] == ["比較", "歷史記錄", "試一試"]
+            # a Hong Kong browser: Traditional Chinese (Gradio alone would show English)
+            hk = browser.new_page(locale="zh-HK", viewport={"width": 1600, "height": 1000})
+            hk.set_default_timeout(60_000)
+            hk.goto(url)
+            hk.wait_for_function("() => document.querySelector('#bl-run')?.innerText.trim() === '運行'")
+            assert tabs(hk)[:3] == ["比較", "歷史記錄", "試一試"]
 
-                # the picker: English now, every tab title too, and remembered on reload
-                hk.click("#bl-lang input")
-                hk.get_by_role("option", name="English").click()
-                hk.wait_for_function("() => document.querySelector('#bl-run')?.innerText.trim() === 'Run'")
-                assert tabs(hk)[:3] == ["Compare", "History", "Try it"]
-                hk.reload()
-                hk.wait_for_function("() => document.querySelector('#bl-lang input')?.value === 'English'")
-                assert hk.inner_text("#bl-run").strip() == "Run"
-                browser.close()
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            # the picker: English now, every tab title too, and remembered on reload
+            hk.click("#bl-lang input")
+            hk.get_by_role("option", name="English").click()
+            hk.wait_for_function("() => document.querySelector('#bl-run')?.innerText.trim() === 'Run'")
+            assert tabs(hk)[:3] == ["Compare", "History", "Try it"]
+            hk.reload()
+            hk.wait_for_function("() => document.querySelector('#bl-lang input')?.value === 'English'")
+            assert hk.inner_text("#bl-run").strip() == "Run"
+            browser.close()
     assert SCREENSHOT.stat().st_size > 10_000
