@@ -28,10 +28,12 @@ def config_key(cfg: RunConfig) -> str:
     """A hash of everything in ``cfg`` that changes the results (and of BoRA Lab's version).
 
     Two configurations get the same key exactly when their ``to_dict()`` agree on every field outside
-    :data:`NOT_NUMERIC`; a new BoRA Lab version starts a fresh cache (its code may compute otherwise).
+    :data:`NOT_NUMERIC` and their run plans (each run's seed and learning rate) agree; a new BoRA Lab
+    version starts a fresh cache (its code may compute otherwise).
     """
     settings = {k: v for k, v in cfg.to_dict().items() if k not in NOT_NUMERIC}
-    blob = json.dumps({"bora_lab": __version__, "config": settings}, sort_keys=True, default=str)
+    plan = cfg.run_plan()  # each run's seed and rate: the suggested rates may change between versions
+    blob = json.dumps({"bora_lab": __version__, "config": settings, "plan": plan}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 

@@ -37,7 +37,8 @@ def cache_dir(cfg: RunConfig) -> Path:
     Several claims share one comparison (the catalogue gives them the same settings): it trains once."""
     root = os.environ.get("BORA_LAB_CLAIMS_CACHE") or os.path.join(os.environ.get("BORA_LAB_RUNS", "runs"), "claims")
     settings = {k: v for k, v in cfg.to_dict().items() if k != "num_threads"}
-    return Path(root) / hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    key = json.dumps({"config": settings, "plan": cfg.run_plan()}, sort_keys=True, default=str)  # rates too
+    return Path(root) / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def cached_results(folder: Path) -> dict[str, Any] | None:
