@@ -16,6 +16,7 @@ MAIN, TRAINING, MODULES, COLUMNS, MORE = ("", "Training details", "Adapted and a
                                           "Custom dataset columns", "More settings")
 GROUPS = (MAIN, TRAINING, MODULES, COLUMNS, MORE)  # the app's order: main column, then one accordion each
 DEVICES = ("auto", "cpu", "cuda", "mps")
+SPEED_ONLY = ("num_threads",)  # settings that change how fast a comparison runs, never its numbers
 MEASURED_MODELS = ("minilm", "offline:all-minilm-l6-v2", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")  # where methods.rates was measured
 
 
@@ -239,6 +240,17 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def results_key(self) -> str:
+        """A hash of what decides the numbers of this comparison: every setting but ``num_threads``
+        (speed only) and the run plan (each run's seed and learning rate: the suggested rates may change).
+        Two configurations with one key compute the same results; caches of finished comparisons use it."""
+        import hashlib
+        import json
+
+        settings = {k: v for k, v in self.to_dict().items() if k not in SPEED_ONLY}
+        blob = json.dumps({"config": settings, "plan": self.run_plan()}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":

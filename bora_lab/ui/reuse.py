@@ -13,28 +13,18 @@ off (``bora_lab.limits.reuse_runs``), e.g. to time the same comparison twice.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 from bora_lab import __version__
 from bora_lab.config import RunConfig
 
 KEY_FILE = ".config_key"  # in each run folder the app creates: the config_key of its settings
-# Settings that change how fast a comparison runs, never the numbers it computes.
-NOT_NUMERIC = ("num_threads",)
 
 
 def config_key(cfg: RunConfig) -> str:
-    """A hash of everything in ``cfg`` that changes the results (and of BoRA Lab's version).
-
-    Two configurations get the same key exactly when their ``to_dict()`` agree on every field outside
-    :data:`NOT_NUMERIC` and their run plans (each run's seed and learning rate) agree; a new BoRA Lab
-    version starts a fresh cache (its code may compute otherwise).
-    """
-    settings = {k: v for k, v in cfg.to_dict().items() if k not in NOT_NUMERIC}
-    plan = cfg.run_plan()  # each run's seed and rate: the suggested rates may change between versions
-    blob = json.dumps({"bora_lab": __version__, "config": settings, "plan": plan}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+    """:meth:`RunConfig.results_key` with BoRA Lab's version: a new version starts a fresh cache (its code
+    may compute otherwise)."""
+    return hashlib.sha256(f"{__version__}:{cfg.results_key()}".encode()).hexdigest()[:32]
 
 
 def mark(folder: Path, key: str) -> None:

@@ -7,8 +7,6 @@ and test examples), the ΔM/ΔD snapshots, the step times and the layer checkpoi
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 import shutil
 import threading
@@ -33,12 +31,10 @@ def claim_config(claim: dict[str, Any], seeds: list[int] | None = None, override
 
 def cache_dir(cfg: RunConfig) -> Path:
     """Where the comparison of ``cfg`` is kept: ``$BORA_LAB_CLAIMS_CACHE`` (default ``$BORA_LAB_RUNS/claims``,
-    else ``runs/claims``) / a hash of its settings (CPU threads left out: they do not change the numbers).
+    else ``runs/claims``) / its :meth:`~bora_lab.config.RunConfig.results_key`.
     Several claims share one comparison (the catalogue gives them the same settings): it trains once."""
     root = os.environ.get("BORA_LAB_CLAIMS_CACHE") or os.path.join(os.environ.get("BORA_LAB_RUNS", "runs"), "claims")
-    settings = {k: v for k, v in cfg.to_dict().items() if k != "num_threads"}
-    key = json.dumps({"config": settings, "plan": cfg.run_plan()}, sort_keys=True, default=str)  # rates too
-    return Path(root) / hashlib.sha256(key.encode()).hexdigest()[:16]
+    return Path(root) / cfg.results_key()[:16]
 
 
 def cached_results(folder: Path) -> dict[str, Any] | None:
