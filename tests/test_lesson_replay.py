@@ -57,3 +57,24 @@ def test_builtin_lessons_learn(lesson):
     assert all(r["status"] == "done" for r in results["runs"])
     if task.get("majority_baseline") is not None:
         assert not all(at_majority(m, task) for m in finals), f"{lesson['id']}: every run at the majority class"
+
+
+def test_lessons_in_chinese():
+    """Every built-in lesson's texts come in Simplified and Traditional Chinese, chosen from the browser's
+    language (or ?lang=); method names stay as they are."""
+    from bora_lab.ui.tab_lessons import lesson_markdown
+
+    assert L.locale_of("zh-CN,zh;q=0.9,en;q=0.8") == "zh-CN" and L.locale_of("zh-HK,zh;q=0.9") == "zh-TW"
+    assert L.locale_of("en-US,zh;q=0.5") is None and L.locale_of(None) is None and L.locale_of("", "zh-TW") == "zh-TW"
+    for lesson in L.builtin_lessons():
+        for locale in L.LOCALES:
+            texts = lesson["translations"][locale]
+            assert {"title", "summary", "predict", "look_for"} <= set(texts), (lesson["id"], locale)
+            md = lesson_markdown(lesson, locale)
+            assert texts["title"] in md and lesson["title"] not in md
+        names = [m for m in ("LoRA", "DoRA", "BoRA") if m in lesson["summary"]]
+        assert all(m in lesson["translations"]["zh-CN"]["summary"] for m in names), lesson["id"]
+    with pytest.raises(L.LessonError, match="translations.fr"):
+        L.validate_lesson({**L.get_lesson("rank-sweep"), "translations": {"fr": {"title": "x"}}})
+    with pytest.raises(L.LessonError, match="translations.zh-CN.colour"):
+        L.validate_lesson({**L.get_lesson("rank-sweep"), "translations": {"zh-CN": {"colour": "x"}}})

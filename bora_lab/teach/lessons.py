@@ -34,7 +34,9 @@ LESSON_DIR = Path(__file__).with_name("lessons")
 MAX_BYTES = 64 * 1024  # a lesson is a few KB; refuse anything big before parsing it
 MAX_TEXT = 5000
 REQUIRED = ("id", "title", "summary", "predict", "look_for", "settings", "view")
-OPTIONAL = ("observed", "schema_version")
+OPTIONAL = ("observed", "schema_version", "translations")
+LOCALES = ("zh-CN", "zh-TW")  # the languages a lesson's texts may come in besides English
+TEXT_FIELDS = ("title", "summary", "predict", "look_for", "observed")
 VIEWS: dict[str, str] = {  # where to look after the run (shown as "look at <text>")
     "loss": "the training-loss plot (Compare tab)",
     "metric": "the evaluation-metric plot (Compare tab)",
@@ -144,7 +146,43 @@ def validate_lesson(data: Any) -> dict[str, Any]:
     if version != SCHEMA_VERSION or isinstance(version, bool):
         raise LessonError(f"lesson field 'schema_version' must be {SCHEMA_VERSION}, got {version!r}")
     _check_settings(data["settings"])
-    return {**{k: data[k] for k in REQUIRED}, "observed": data.get("observed", ""), "schema_version": SCHEMA_VERSION}
+    translations = _check_translations(data.get("translations", {}))
+    return {**{k: data[k] for k in REQUIRED}, "observed": data.get("observed", ""), "schema_version": SCHEMA_VERSION,
+            **({"translations": translations} if translations else {})}
+
+
+def _check_translations(value: Any) -> dict[str, dict[str, str]]:
+    """``{"zh-CN": {"title": ..., "summary": ...}, ...}``: known locales, text fields, strings."""
+    if not isinstance(value, dict):
+        raise LessonError(f"lesson field 'translations' must be an object of locales, got {_kind(value)}")
+    for locale, texts in value.items():
+        if locale not in LOCALES:
+            raise LessonError(f"lesson field 'translations.{locale}': locale must be one of {', '.join(LOCALES)}")
+        if not isinstance(texts, dict):
+            raise LessonError(f"lesson field 'translations.{locale}' must be an object, got {_kind(texts)}")
+        for key, text in texts.items():
+            if key not in TEXT_FIELDS:
+                raise LessonError(f"lesson field 'translations.{locale}.{key}' is not one of {', '.join(TEXT_FIELDS)}")
+            _check_type(text, "str", f"translations.{locale}.{key}")
+    return value
+
+
+def localized(lesson: dict[str, Any], locale: str | None) -> dict[str, Any]:
+    """``lesson`` with its texts in ``locale`` where it has them (English otherwise)."""
+    texts = (lesson.get("translations") or {}).get(locale or "") or {}
+    return {**lesson, **{k: v for k, v in texts.items() if v}}
+
+
+def locale_of(accept_language: str | None, lang: str | None = None) -> str | None:
+    """The lesson locale for a browser: ``?lang=`` if given, else its first Chinese language
+    (Hong Kong, Macao, Taiwan and Hant: Traditional; other Chinese: Simplified), else None (English)."""
+    for tag in ([lang] if lang else []) + [t.split(";")[0].strip() for t in (accept_language or "").split(",")]:
+        low = (tag or "").lower()
+        if low.startswith("en"):
+            return None
+        if low.startswith("zh"):
+            return "zh-TW" if any(x in low for x in ("tw", "hk", "mo", "hant")) else "zh-CN"
+    return None
 
 
 def _reject_constant(name: str):

@@ -165,7 +165,8 @@ def wire(demo: gr.Blocks, session: gr.State, main: gr.Column, widgets: dict[str,
             fills = [gr.update(value=values[k]) if k in values else gr.update() for k in keys]
         else:
             fills = tab_lessons.lesson_updates(lesson, keys)
-        head = [gr.update(value=lesson["id"]), tab_lessons.lesson_markdown(lesson)] if lesson else [gr.update()] * 2
+        head = ([gr.update(value=lesson["id"]), tab_lessons.lesson_markdown(lesson, tab_lessons.request_locale(request))]
+                if lesson else [gr.update()] * 2)
         return [wrapper, *head, *fills]
 
     demo.load(from_url, [session], [main, picker, text, *targets], concurrency_limit=None, show_progress="hidden")

@@ -31,10 +31,20 @@ def lesson_from_url(request: gr.Request | None) -> dict[str, Any] | None:
     return L.get_lesson(lesson_id) if lesson_id else None
 
 
-def lesson_markdown(lesson: dict[str, Any] | None) -> str:
-    """The lesson's texts, settings and warnings, as Markdown."""
+def request_locale(request: gr.Request | None) -> str | None:
+    """The visitor's lesson language: ``?lang=`` in the address, else the browser's Accept-Language."""
+    if request is None:
+        return None
+    params = getattr(request, "query_params", None) or {}
+    headers = getattr(request, "headers", None) or {}
+    return L.locale_of(headers.get("accept-language"), params.get("lang"))
+
+
+def lesson_markdown(lesson: dict[str, Any] | None, locale: str | None = None) -> str:
+    """The lesson's texts (in ``locale`` where translated), settings and warnings, as Markdown."""
     if lesson is None:
         return NONE_SELECTED
+    lesson = L.localized(lesson, locale)
     esc = html.escape
     parts = [f"### {esc(lesson['title'])}", esc(lesson["summary"]),
              f"**Before you press Run, predict:** {esc(lesson['predict'])}",
@@ -119,9 +129,9 @@ def build_lessons_tab(apply_to: dict[str, gr.components.Component],
                     save = gr.Button("Save lesson", elem_id="bl-lesson-save")
                     saved = gr.File(label="Lesson file", interactive=False, elem_id="bl-lesson-file")
 
-    def pick(choice, store):
+    def pick(choice, store, request: gr.Request):
         lesson = _find(choice, store)
-        return [lesson_markdown(lesson), *lesson_updates(lesson, keys)]
+        return [lesson_markdown(lesson, request_locale(request)), *lesson_updates(lesson, keys)]
 
     def open_file(path, store):
         if not path:
@@ -156,7 +166,8 @@ def build_lessons_tab(apply_to: dict[str, gr.components.Component],
         lesson = lesson_from_url(request)
         if lesson is None:
             return [gr.update(), gr.update(), *[gr.update() for _ in keys]]
-        return [gr.update(value=lesson["id"]), lesson_markdown(lesson), *lesson_updates(lesson, keys)]
+        return [gr.update(value=lesson["id"]), lesson_markdown(lesson, request_locale(request)),
+                *lesson_updates(lesson, keys)]
 
     def show_recording(choice, store):
         lesson = _find(choice, store)
