@@ -31,6 +31,14 @@ def lesson_from_url(request: gr.Request | None) -> dict[str, Any] | None:
     return L.get_lesson(lesson_id) if lesson_id else None
 
 
+HEADINGS = {  # the lesson text's headings; the translated look_for names the view itself
+    "en": {"predict": "Before you press Run, predict:", "look": "After the run, look at {view}.",
+           "observed": "What we saw on this setup:"},
+    "zh-CN": {"predict": "按“运行”之前，先预测：", "look": "运行之后，看这里：", "observed": "我们在这个设置上看到的："},
+    "zh-TW": {"predict": "按「運行」之前，先預測：", "look": "運行之後，看這裡：", "observed": "我們在這個設定上看到的："},
+}
+
+
 def request_locale(request: gr.Request | None) -> str | None:
     """The visitor's lesson language: ``?lang=`` in the address, else the browser's Accept-Language."""
     if request is None:
@@ -46,11 +54,12 @@ def lesson_markdown(lesson: dict[str, Any] | None, locale: str | None = None) ->
         return NONE_SELECTED
     lesson = L.localized(lesson, locale)
     esc = html.escape
-    parts = [f"### {esc(lesson['title'])}", esc(lesson["summary"]),
-             f"**Before you press Run, predict:** {esc(lesson['predict'])}",
-             f"**After the run, look at {esc(L.VIEWS[lesson['view']])}.** {esc(lesson['look_for'])}"]
+    head = HEADINGS.get(locale or "", HEADINGS["en"])
+    look = head["look"].format(view=esc(L.VIEWS[lesson["view"]])) if locale not in HEADINGS else head["look"]
+    parts = [f"### {esc(lesson['title'])}", esc(lesson["summary"]), f"**{head['predict']}** {esc(lesson['predict'])}",
+             f"**{look}** {esc(lesson['look_for'])}"]
     if lesson.get("observed"):
-        parts.append(f"**What we saw on this setup:** {esc(lesson['observed'])}")
+        parts.append(f"**{head['observed']}** {esc(lesson['observed'])}")
     missing = L.missing_methods(lesson)
     if missing:
         parts.append(f"⚠️ Method(s) {', '.join(f'`{m}`' for m in missing)} not available in this installation; "
