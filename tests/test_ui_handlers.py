@@ -314,6 +314,9 @@ def test_history_lists_reopens_overlays_and_downloads(tmp_path):
     assert {p.rsplit(".", 1)[-1] for p in both[7]} >= {"json", "csv", "html"}
     with pytest.raises(gr.Error, match="not in your list"):
         tab_history.open_runs(visitor.Session(), False, names[:1], "from the start (t vs 0)")  # another visitor
+    bundle = session.bundle_dir
+    session.close()  # what the app's delete_callback does when the page goes away
+    assert bundle is not None and not bundle.exists()
 
 
 def test_history_opens_an_uploaded_cli_results_file():
