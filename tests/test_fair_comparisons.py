@@ -111,3 +111,12 @@ def test_cli_flags_for_fair_comparisons():
     assert cfg.seeds == [0, 1, 2] and cfg.lrs == [3e-4, 1e-3] and cfg.val_samples == 100
     assert cfg.match_params == "bora" and cfg.baseline == "dora" and cfg.engine == "per_copy" and not cfg.lr_auto
     assert config_from_args(build_parser().parse_args(["compare", "--lr-auto", "--val-samples", "8"])).lr_auto
+
+
+def test_one_rule_picks_the_best_checkpoint():
+    """The results' ``best`` and the saved ``adapter_best`` use the same rule: finite and strictly better."""
+    from bora_lab.record.accumulator import improves
+
+    assert improves(0.7, None) and improves(0.71, 0.7) and not improves(0.7, 0.7)  # the first of equals wins
+    assert improves(0.3, 0.4, higher_is_better=False) and not improves(0.5, 0.4, higher_is_better=False)
+    assert not improves(float("nan"), None) and not improves(float("inf"), 0.7) and not improves(None, None)

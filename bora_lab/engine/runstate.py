@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from .. import methods
 from ..analysis.weights import WeightTracker
 from ..config import RunConfig
+from ..record.accumulator import improves
 from ..record.files import BEST_PREFIX
 from .pipeline import Pipeline, to_device
 from .streams import get_rng, set_rng
@@ -343,13 +344,10 @@ class RunState:
     @torch.no_grad()
     def _keep_if_best(self, metrics: dict[str, float]) -> None:
         """Keep a CPU copy of the trained tensors if this validation evaluation is the best so far, by the
-        accumulator's rule (``_is_best``: the primary metric, finite, strictly better, so the first of
-        equals wins); ``best_step`` also goes into the model's config (``adapter_config.json``)."""
+        accumulator's rule (:func:`~bora_lab.record.accumulator.improves` on the primary metric); ``best_step`` also goes into the model's config (``adapter_config.json``)."""
         task = self.pipeline.task
         new, old = metrics.get(task.metric or "loss"), self._best[0] if self._best else None
-        if new is None or not math.isfinite(new):
-            return
-        if old is None or (new > old if task.higher_is_better else new < old):
+        if improves(new, old, task.higher_is_better):
             tensors, _ = self._trained_tensors()
             if tensors is not None:
                 self._best, self.best_step = (new, tensors), self.steps_done

@@ -47,6 +47,16 @@ def _run_specs(cfg: Any, cfg_dict: dict[str, Any]) -> list[tuple[str, str, int]]
         return [(f"{m}-r{r}", m, r) for m in cfg_dict.get("methods", []) for r in cfg_dict.get("ranks", [])]
 
 
+
+def improves(new: float | None, old: float | None, higher_is_better: bool = True) -> bool:
+    """The rule that picks a run's best checkpoint: ``new`` is finite and strictly better than ``old``
+    (None: no best yet), so the first of equal evaluations wins. The results (``best``) and the saved
+    adapter (``adapter_best``) both use it."""
+    if not _finite(new):
+        return False
+    return old is None or (new > old if higher_is_better else new < old)
+
+
 class ResultsAccumulator:
     """Builds the results dict from trainer events (objects or their ``to_dict()``).
 
@@ -158,13 +168,8 @@ class ResultsAccumulator:
         """Whether ``row`` beats the run's best evaluation so far on the validation split's primary metric."""
         task = self.results.get("task") or {}
         metric = task.get("metric") or "loss"
-        new = row["val_metrics"].get(metric)
         old = (entry.get("best") or {}).get("val_metrics", {}).get(metric)
-        if not _finite(new):
-            return False
-        if old is None:
-            return True
-        return new > old if task.get("higher_is_better", True) else new < old
+        return improves(row["val_metrics"].get(metric), old, task.get("higher_is_better", True))
 
     def finish(self, status: str = "done") -> dict[str, Any]:
         """Mark the comparison finished (a cancelled one stays cancelled) and return the results."""
