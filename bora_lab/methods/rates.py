@@ -27,8 +27,8 @@ SUGGESTED_LR: dict[str, float] = {
     "prefix": 0.00333,
     "bitfit": 0.001,
     "adapter": 0.001,
-    "lora2": 0.001,
-    "adalora": 0.001,
+    "lora2": 0.01,
+    "adalora": 0.03,
     "vera": 0.03,
     "dvora": 0.01,
     "asylora": 0.003,
@@ -45,19 +45,25 @@ NOTES: dict[str, str] = {
     "bora": "best of 3.33e-4, 1e-3, 3e-3 over seeds 0, 1, 2",
     "full": "best of 3.33e-05, 0.0001, 0.0003",
     "full_model": "best of 1e-05, 3e-05, 9e-05, 0.00027, 0.00081",
-    "head": "best of 0.000333, 0.001, 0.003, 0.01, 0.03, 0.1",
-    "features": "best of 0.000333, 0.001, 0.003, 0.01, 0.03, 0.1",
+    "head": ("best of 0.000333, 0.001, 0.003, 0.01, 0.03, 0.1; at the majority class at every rate tried, and "
+             "truly so: the best linear classifier of the frozen features, fitted exactly on as many reviews "
+             "as a run sees (1,200), is too (benchmarks/linear_probe.py)"),
+    "features": ("best of 0.000333, 0.001, 0.003, 0.01, 0.03, 0.1; at the majority class at every rate tried, "
+                 "and truly so: the best linear classifier of the frozen features, fitted exactly on as many "
+                 "reviews as a run sees (1,200), is too (benchmarks/linear_probe.py)"),
     "rslora": "best of 0.000333, 0.001, 0.003",
     "dora_col": "best of 0.000333, 0.001, 0.003",
     "dora_mag": "best of 0.00333, 0.01, 0.03, 0.1, 0.3",
     "pissa": "best of 3.3e-05, 0.0001, 0.000333, 0.001, 0.003",
     "prompt": "best of 0.01, 0.03, 0.09; at the edge of the grid: the best rate may lie beyond it",
     "ptuning": "best of 0.00333, 0.01, 0.03; at the edge of the grid: the best rate may lie beyond it",
-    "prefix": "best of 0.00333, 0.01, 0.03; at the edge of the grid: the best rate may lie beyond it",
-    "bitfit": "best of 0.001, 0.003, 0.009; at the edge of the grid: the best rate may lie beyond it; at the majority class at every rate tried: it did not learn in 150 steps",
+    "prefix": "best of 0.0003, 0.001, 0.00333, 0.01, 0.03; at the majority class at every rate tried: it did not learn in 150 steps",
+    "bitfit": "best of 0.001, 0.003, 0.009, 0.01, 0.03, 0.1; at the majority class at every rate tried: it did not learn in 150 steps",
     "adapter": "best of 0.000333, 0.001, 0.003",
-    "lora2": "best of 0.000333, 0.001, 0.003; at the majority class at every rate tried: it did not learn in 150 steps",
-    "adalora": "best of 0.000333, 0.001, 0.003; at the majority class at every rate tried: it did not learn in 150 steps",
+    "lora2": ("best of 0.000333, 0.001, 0.003, 0.01, 0.03: its singular values start at zero, so ΔW grows "
+              "slowly and at LoRA's rate it stays at the majority class"),
+    "adalora": ("best of 0.000333, 0.001, 0.003, 0.01, 0.03, 0.1: its singular values start at zero and P, Q "
+                "at std 0.02, so ΔW grows slowly and at LoRA's rate it stays at the majority class"),
     "vera": "best of 0.00333, 0.01, 0.03; at the edge of the grid: the best rate may lie beyond it",
     "dvora": "best of 0.00333, 0.01, 0.03",
     "asylora": "best of 0.000333, 0.001, 0.003; at the edge of the grid: the best rate may lie beyond it",
