@@ -57,8 +57,10 @@ NOTES: dict[str, str] = {
     "pissa": "best of 3.3e-05, 0.0001, 0.000333, 0.001, 0.003",
     "prompt": "best of 0.00333, 0.01, 0.03, 0.09",
     "ptuning": "best of 0.00333, 0.01, 0.03, 0.1",
-    "prefix": "best of 0.0003, 0.001, 0.00333, 0.01, 0.03; at the majority class at every rate tried: it did not learn in 150 steps",
-    "bitfit": "best of 0.001, 0.003, 0.009, 0.01, 0.03, 0.1; at the majority class at every rate tried: it did not learn in 150 steps",
+    "prefix": ("best of 0.0003, 0.001, 0.00333, 0.01, 0.03; at the majority class at every rate tried in 150 steps; "
+               "at 600 steps it learns (0.700 test accuracy)"),
+    "bitfit": ("best of 0.001, 0.003, 0.009, 0.01, 0.03, 0.1; at the majority class at every rate tried in 150 steps; "
+               "at 600 steps it learns (0.785 test accuracy)"),
     "adapter": "best of 0.000333, 0.001, 0.003",
     "lora2": ("best of 0.000333, 0.001, 0.003, 0.01, 0.03: its singular values start at zero, so ΔW grows "
               "slowly and at LoRA's rate it stays at the majority class"),
