@@ -49,7 +49,7 @@ def results_table(results: dict) -> list[dict[str, Any]]:
             "ΔM row/col": _round(s.get("asymmetry_ratio"), 3),
         })
         if at_majority(s.get("eval_metric"), task):
-            rows[-1]["note"] = "at the majority class: did not learn at this budget"
+            rows[-1]["note"] = "at the majority class: did not learn at this budget (more steps or another rate may help)"
         if s.get("best_step") is not None:  # a validation split: the best checkpoint, chosen on it
             rows[-1][f"{metric} at best val step"] = _round(s.get("best_eval_metric"))
             rows[-1]["best step"] = s["best_step"]
