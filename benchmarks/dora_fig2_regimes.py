@@ -7,7 +7,7 @@ per (regime, method): the mean slope with its 95% t interval over seeds and whet
 paper's.
 
     python benchmarks/dora_fig2_regimes.py                  # the cheap synthetic regimes (about 2 min)
-    python benchmarks/dora_fig2_regimes.py --minilm         # also MiniLM: 150, 450 and 1,350 steps (about 75 min)
+    python benchmarks/dora_fig2_regimes.py --minilm         # also MiniLM: 150, 450 and 1,350 steps (about 65 min)
     python benchmarks/dora_fig2_regimes.py --markdown docs/measured/dora_fig2.md
 """
 from __future__ import annotations

@@ -57,11 +57,20 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
             raise ValueError(f"--set takes FIELD=VALUE, got {item!r}")
         if name not in RunConfig.__dataclass_fields__:
             raise ValueError(f"--set {name}: not a comparison setting (see `bora-lab compare --help`)")
-        try:
-            out[name] = json.loads(text)
-        except json.JSONDecodeError:
-            out[name] = text
+        is_list = str(RunConfig.__dataclass_fields__[name].type).startswith("list")
+        if is_list and not text.strip().startswith("["):  # methods=full,lora,dora  ranks=4,8
+            out[name] = [_value(part) for part in text.split(",") if part.strip()]
+        else:
+            out[name] = _value(text)
     return out
+
+
+def _value(text: str) -> Any:
+    """A number, true/false/null or a JSON list as such; anything else as the text."""
+    try:
+        return json.loads(text.strip())
+    except json.JSONDecodeError:
+        return text.strip()
 
 
 def format_record(rec: dict[str, Any]) -> str:

@@ -157,6 +157,10 @@ class RunConfig:
             raise SettingError("seeds", f"must be a list of whole numbers, got {self.seeds!r}")
         if not self.methods:
             raise ValueError("select at least one method")
+        if isinstance(self.methods, tuple):
+            self.methods = list(self.methods)
+        if not isinstance(self.methods, list) or not all(isinstance(m, str) and m.strip() for m in self.methods):
+            raise SettingError("methods", f"must be a list of method names, e.g. ['lora', 'dora'], got {self.methods!r}")
         if not self.ranks or any(isinstance(r, bool) or not isinstance(r, int) for r in self.ranks):
             raise ValueError(f"ranks must be positive integers, got {self.ranks}")
         for f in fields(self):

@@ -170,6 +170,21 @@ def test_cli_reproduce(capsys):
     assert "not a comparison setting" in capsys.readouterr().err
 
 
+def test_set_takes_lists_as_the_compare_command_does():
+    """``--set methods=full,lora,dora`` is a list of three methods, not a string of letters."""
+    from bora_lab.cli_claims import parse_sets
+    from bora_lab.config import RunConfig, SettingError
+    from bora_lab.teach.claims.training import claim_config
+
+    sets = parse_sets(["methods=full,lora,dora", "ranks=4,8", "steps=450", "seeds=[0, 1]", "task=fine_foods"])
+    assert sets == {"methods": ["full", "lora", "dora"], "ranks": [4, 8], "steps": 450, "seeds": [0, 1],
+                    "task": "fine_foods"}
+    cfg = claim_config(claims.get_claim("dora-slopes"), None, parse_sets(["methods=full,lora,dora"]))
+    assert cfg.methods == ["full", "lora", "dora"]
+    with pytest.raises(SettingError, match="list of method names"):
+        RunConfig(methods="lora")
+
+
 def test_app_view_renders_and_runs_a_counting_claim():
     from bora_lab.ui import tab_claims
 
